@@ -1,0 +1,67 @@
+# libnbdkit-async: build the library and examples, run the tests.
+#
+#   make          release library + every example into build/
+#   make demo     serve the async memdisk example on a Unix socket
+#   make check    install missing test tools (as root), then run every test
+
+CARGO    ?= cargo
+CC       ?= cc
+CXX      ?= g++
+BUILD    := build
+LIBDIR   := target/release
+STATICLIB := $(LIBDIR)/libnbdkit_async.a
+HEADER   := include/nbdkit-async.h
+
+WARN     := -Wall -Wextra -Werror -pedantic
+CFLAGS   ?= -O2 -g
+CFLAGS   += -std=c11 $(WARN) -Iinclude -pthread
+# What the Rust standard library needs when linked statically.
+LIBS     := $(STATICLIB) -lgcc_s -lutil -lrt -lpthread -lm -ldl
+
+EXAMPLES := $(BUILD)/memdisk
+PYTHON   := /usr/bin/python3
+DEMO_SOCK := $(BUILD)/demo.sock
+
+.PHONY: all lib demo check check-deps check-header unit-test integration-test clean
+
+all: $(EXAMPLES)
+
+lib: $(STATICLIB)
+
+# Cargo tracks its own dependencies; always ask it.
+$(STATICLIB): FORCE
+	$(CARGO) build --release --quiet
+
+$(BUILD)/%: c-examples/%.c $(STATICLIB) $(HEADER) | $(BUILD)
+	$(CC) $(CFLAGS) -o $@ $< $(LIBS)
+
+$(BUILD):
+	mkdir -p $@
+
+demo: all
+	@echo "Serving a 1 GiB in-memory disk with 10 ms latency. In another terminal:"
+	@echo "  nbdinfo 'nbd+unix:///?socket=$(abspath $(DEMO_SOCK))'"
+	@echo "Press Ctrl-C to stop."
+	$(BUILD)/memdisk --unix $(DEMO_SOCK) --size 1G --latency-ms 10
+
+check: check-deps all check-header unit-test integration-test
+
+check-deps:
+	@tests/install-deps.sh
+
+# The committed header must be what build.rs generates from the sources.
+check-header: $(STATICLIB)
+	@git diff --exit-code -- $(HEADER) || \
+	  { echo "$(HEADER) is stale: commit the regenerated header"; exit 1; }
+
+unit-test:
+	$(CARGO) test --quiet
+
+integration-test: all
+	$(PYTHON) -m pytest -q tests
+
+clean:
+	$(CARGO) clean
+	rm -rf $(BUILD)
+
+FORCE:

@@ -1,0 +1,349 @@
+/*
+ * libnbdkit-async: an NBD server library with an asynchronous plugin API.
+ *
+ * Generated from the Rust sources by cbindgen (see build.rs): do not edit.
+ *
+ * Ownership and threading, in short: all plugin callbacks run on the
+ * thread that calls nbdkit_main_loop and must not block. Each op handed to
+ * an I/O callback is answered exactly once with nbdkit_reply,
+ * nbdkit_reply_read or nbdkit_reply_error, from any thread. Set-up
+ * functions belong to the thread that owns the server.
+ */
+
+#ifndef NBDKIT_ASYNC_H
+#define NBDKIT_ASYNC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/**
+ * The write was requested with FUA: it must be on stable storage when
+ * the op is replied to. Only passed when `can_fua` returns NBDKIT_FUA_NATIVE.
+ */
+#define NBDKIT_FLAG_FUA (1 << 1)
+
+/**
+ * `zero` may punch a hole instead of writing zeroes (the client did not
+ * send NBD_CMD_FLAG_NO_HOLE).
+ */
+#define NBDKIT_FLAG_MAY_TRIM (1 << 0)
+
+/**
+ * `can_fua` result: FUA is not offered to clients.
+ */
+#define NBDKIT_FUA_NONE 0
+
+/**
+ * `can_fua` result: the library emulates FUA by calling `flush` after the
+ * write completes and replying only once the flush completes.
+ */
+#define NBDKIT_FUA_EMULATE 1
+
+/**
+ * `can_fua` result: the plugin honours NBDKIT_FLAG_FUA itself.
+ */
+#define NBDKIT_FUA_NATIVE 2
+
+/**
+ * An NBD request in flight, handed to an I/O callback.
+ *
+ * It is an opaque token, not a pointer to memory: never dereference it.
+ * It stays valid until exactly one of `nbdkit_reply`, `nbdkit_reply_read`
+ * or `nbdkit_reply_error` is called with it, from any thread, inside the
+ * callback or later. A second reply, or a reply after the client went
+ * away or the server ended, is detected and logged, and does no harm.
+ */
+typedef struct nbdkit_op nbdkit_op;
+
+/**
+ * An NBD server: a plugin, its listening sockets and settings.
+ *
+ * Create it with `nbdkit_server_new`, configure it, run it with
+ * `nbdkit_main_loop`, then release it with `nbdkit_server_free`.
+ * Set-up functions are for the thread that owns the server, before the
+ * loop runs; `nbdkit_server_shutdown` is the one call meant for other
+ * threads.
+ */
+typedef struct nbdkit_server nbdkit_server;
+
+/**
+ * The callbacks of an asynchronous plugin (the low-level API).
+ *
+ * Pass it to `nbdkit_server_new` together with `sizeof` of the struct the
+ * plugin was compiled against: fields are only ever appended, and fields
+ * an older plugin does not know are treated as NULL.
+ *
+ * Every callback runs on the event-loop thread and must not block: an I/O
+ * callback starts the work and returns at once.
+ *
+ * I/O callbacks (`pread`, `pwrite`, `flush`, `trim`, `zero`, `cache`)
+ * receive the op first and the plugin's per-connection handle second.
+ * Returning 0 means the plugin took the op and will answer it exactly once
+ * with one of the valid replies named below. Returning -1 means the op
+ * failed at once: the library answers the client with `errno` (EIO if the
+ * callback left errno at 0), and the plugin must not reply to that op.
+ * A NULL I/O callback means the command is not offered to clients.
+ *
+ * Capability callbacks (`can_*`) return 1 (yes), 0 (no) or -1 (error:
+ * the client cannot connect). A NULL capability callback answers from the
+ * presence of the matching I/O callback.
+ */
+typedef struct nbdkit_plugin_lowlevel {
+  /**
+   * Short plugin name, used in logs. May be NULL.
+   */
+  const char *name;
+  /**
+   * Opens the export for one client connection and returns the plugin's
+   * handle for it (any non-NULL pointer). Called once per connection, and
+   * also briefly when a client asks about an export (NBD_OPT_INFO).
+   * `readonly` is 1 when the server or connection is read-only.
+   * `export_name` is the export the client chose, valid only during the
+   * call. Return NULL (with errno set, ENOENT for an unknown export) to
+   * refuse the client. If NULL, the handle is `user_data`.
+   */
+  void *(*open)(void *user_data, int readonly, const char *export_name);
+  /**
+   * Releases a handle from `open`. Called once every op of the connection
+   * has been replied to, so no op ever outlives its handle. May be NULL.
+   */
+  void (*close)(void *handle);
+  /**
+   * Size of the export in bytes, or -1 on error. Required.
+   */
+  int64_t (*get_size)(void *handle);
+  /**
+   * Can clients write? Default: `pwrite` is not NULL.
+   */
+  int (*can_write)(void *handle);
+  /**
+   * Can clients flush? Default: `flush` is not NULL.
+   */
+  int (*can_flush)(void *handle);
+  /**
+   * Can clients trim? Default: `trim` is not NULL.
+   */
+  int (*can_trim)(void *handle);
+  /**
+   * Can clients write zeroes? Default: `zero` is not NULL.
+   */
+  int (*can_zero)(void *handle);
+  /**
+   * One of NBDKIT_FUA_NONE, NBDKIT_FUA_EMULATE, NBDKIT_FUA_NATIVE, or -1.
+   * Default: NBDKIT_FUA_EMULATE when the export can flush, else NONE.
+   */
+  int (*can_fua)(void *handle);
+  /**
+   * Do all connections see the same data, so that a flush on one covers
+   * writes completed on another? Default: no.
+   */
+  int (*can_multi_conn)(void *handle);
+  /**
+   * Can clients ask to prefetch? Default: `cache` is not NULL.
+   */
+  int (*can_cache)(void *handle);
+  /**
+   * Reads `count` bytes at `offset` into `buf`. `buf` is owned by the
+   * library and stays valid until the op is replied to.
+   * Valid replies: `nbdkit_reply` (once `buf` is filled),
+   * `nbdkit_reply_read`, `nbdkit_reply_error`.
+   */
+  int (*pread)(struct nbdkit_op *op,
+               void *handle,
+               void *buf,
+               uint32_t count,
+               uint64_t offset,
+               uint32_t flags);
+  /**
+   * Writes `count` bytes from `buf` at `offset`. `buf` stays valid until
+   * the op is replied to. `flags` may hold NBDKIT_FLAG_FUA.
+   * Valid replies: `nbdkit_reply`, `nbdkit_reply_error`.
+   */
+  int (*pwrite)(struct nbdkit_op *op,
+                void *handle,
+                const void *buf,
+                uint32_t count,
+                uint64_t offset,
+                uint32_t flags);
+  /**
+   * Makes every write completed so far durable.
+   * Valid replies: `nbdkit_reply`, `nbdkit_reply_error`.
+   */
+  int (*flush)(struct nbdkit_op *op, void *handle, uint32_t flags);
+  /**
+   * Discards a range; it may read back as anything afterwards.
+   * `flags` may hold NBDKIT_FLAG_FUA.
+   * Valid replies: `nbdkit_reply`, `nbdkit_reply_error`.
+   */
+  int (*trim)(struct nbdkit_op *op, void *handle, uint32_t count, uint64_t offset, uint32_t flags);
+  /**
+   * Writes zeroes to a range. `flags` may hold NBDKIT_FLAG_MAY_TRIM and
+   * NBDKIT_FLAG_FUA.
+   * Valid replies: `nbdkit_reply`, `nbdkit_reply_error`.
+   */
+  int (*zero)(struct nbdkit_op *op, void *handle, uint32_t count, uint64_t offset, uint32_t flags);
+  /**
+   * Prefetches a range (NBD_CMD_CACHE).
+   * Valid replies: `nbdkit_reply`, `nbdkit_reply_error`.
+   */
+  int (*cache)(struct nbdkit_op *op, void *handle, uint32_t count, uint64_t offset, uint32_t flags);
+} nbdkit_plugin_lowlevel;
+
+#ifdef __cplusplus
+extern "C" {
+#endif // __cplusplus
+
+/**
+ * Answers an op with success. For a read, the buffer given to `pread`
+ * must hold the data by now.
+ *
+ * Thread-safe: call from any thread, inside the I/O callback or later,
+ * exactly once per op. It queues the reply for the event loop and returns
+ * without waiting for the socket. After it returns the op handle and any
+ * buffer the callback received are no longer the plugin's to touch.
+ *
+ * Returns 0, or a negative errno when the reply could not be delivered
+ * (-ESTALE: unknown op or server; -ESHUTDOWN: the server has stopped).
+ * A second reply to the same op is detected by the loop, logged, and
+ * ignored.
+ */
+int nbdkit_reply(struct nbdkit_op *op);
+
+/**
+ * Answers a read op with `count` bytes from `data`, which are copied
+ * before the call returns (so `data` stays the caller's). `count` must
+ * equal the count given to `pread`; otherwise the client gets EIO.
+ * Plugins that filled the buffer given to `pread` call `nbdkit_reply`
+ * instead and save the copy.
+ *
+ * Thread-safe, exactly once per op, like `nbdkit_reply`.
+ *
+ * # Safety
+ * `data` must point to `count` readable bytes.
+ */
+int nbdkit_reply_read(struct nbdkit_op *op, const void *data, uint32_t count);
+
+/**
+ * Answers an op with an error. `errnum` is a host errno (EIO, ENOSPC,
+ * EROFS, ...); the client sees the nearest NBD error. 0 is taken as EIO.
+ *
+ * Thread-safe, exactly once per op, like `nbdkit_reply`.
+ */
+int nbdkit_reply_error(struct nbdkit_op *op, int errnum);
+
+/**
+ * Creates a server for `plugin`.
+ *
+ * `plugin_size` is `sizeof(struct nbdkit_plugin_lowlevel)` as the plugin
+ * was compiled: callbacks the plugin's header did not have are NULL.
+ * The struct is copied; `user_data` is passed to `open` and never touched
+ * by the library.
+ *
+ * Returns NULL on error (logged): missing `get_size` or `pread`, or a
+ * plugin built against a newer header with callbacks this library lacks.
+ * Free with `nbdkit_server_free`.
+ *
+ * # Safety
+ * `plugin` must point to `plugin_size` readable bytes; its `name` and
+ * callbacks must stay valid until the server is freed.
+ */
+struct nbdkit_server *nbdkit_server_new(const struct nbdkit_plugin_lowlevel *plugin,
+                                        size_t plugin_size,
+                                        void *user_data);
+
+/**
+ * Releases a server. NULL is ignored. Must not be called while
+ * `nbdkit_main_loop` runs on it, nor twice. Ops of this server replied
+ * to afterwards are ignored (the reply returns -ESTALE).
+ */
+void nbdkit_server_free(struct nbdkit_server *srv);
+
+/**
+ * Listens on a Unix socket at `path`. A stale socket file there is
+ * replaced; any other file is an error. The path is removed when the
+ * loop ends. Set-up thread only, before `nbdkit_main_loop`.
+ *
+ * Returns 0 or a negative errno.
+ *
+ * # Safety
+ * `path` must be a NUL-terminated string.
+ */
+int nbdkit_server_listen_unix(struct nbdkit_server *srv, const char *path);
+
+/**
+ * Listens on TCP `host`:`port` (IPv4 or IPv6; a name listens on every
+ * address it resolves to; NULL means all IPv4 addresses). `port` 0 picks
+ * a free port. Set-up thread only, before `nbdkit_main_loop`.
+ *
+ * Returns the port listened on (> 0), or a negative errno.
+ *
+ * # Safety
+ * `host` must be NULL or a NUL-terminated string.
+ */
+int nbdkit_server_listen_tcp(struct nbdkit_server *srv, const char *host, uint16_t port);
+
+/**
+ * Serves the export read-only when `readonly` is non-zero (the plugin's
+ * `open` gets readonly=1). Set-up thread only. Returns 0 or a negative errno.
+ */
+int nbdkit_server_set_readonly(struct nbdkit_server *srv, int readonly);
+
+/**
+ * Names the export (default ""). Clients asking for "" get this export;
+ * any other name is refused with NBD_REP_ERR_UNKNOWN. The string is
+ * copied. Set-up thread only. Returns 0 or a negative errno.
+ *
+ * # Safety
+ * `name` must be a NUL-terminated string.
+ */
+int nbdkit_server_set_export_name(struct nbdkit_server *srv, const char *name);
+
+/**
+ * Sets the export's description, shown by `nbdinfo` (NBD_INFO_DESCRIPTION
+ * and NBD_OPT_LIST). NULL removes it. The string is copied. Set-up
+ * thread only. Returns 0 or a negative errno.
+ *
+ * # Safety
+ * `description` must be NULL or a NUL-terminated string.
+ */
+int nbdkit_server_set_export_description(struct nbdkit_server *srv, const char *description);
+
+/**
+ * Caps the ops one connection may have in flight (default 4096). When a
+ * connection reaches it, the server stops reading its requests until
+ * replies go out: back-pressure, never dropped requests. Set-up thread
+ * only. Returns 0, or -EINVAL for 0.
+ */
+int nbdkit_server_set_max_inflight(struct nbdkit_server *srv, uint32_t max_ops);
+
+/**
+ * Runs the server on the calling thread until `nbdkit_server_shutdown` or
+ * `nbdkit_shutdown`. On shutdown it stops accepting clients and reading
+ * requests, waits for every op in flight to be replied to and for the
+ * replies to reach clients, closes every connection, and returns.
+ *
+ * All plugin callbacks run on this thread. Call it once per server.
+ * Returns 0 after a clean shutdown, or a negative errno.
+ */
+int nbdkit_main_loop(struct nbdkit_server *srv);
+
+/**
+ * Asks one server's loop to shut down (see `nbdkit_main_loop`) and
+ * returns at once. Thread-safe: call it from any thread, any number of
+ * times, before or while the loop runs.
+ */
+int nbdkit_server_shutdown(struct nbdkit_server *srv);
+
+/**
+ * Asks every server in the process to shut down and returns at once.
+ * Async-signal-safe: meant to be called from a SIGINT/SIGTERM handler
+ * (it only does an atomic add and a write(2)). Also callable from any
+ * thread. Servers created afterwards are not affected.
+ */
+void nbdkit_shutdown(void);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif  // __cplusplus
+
+#endif  /* NBDKIT_ASYNC_H */

@@ -1,0 +1,252 @@
+//! Op handles and the cross-thread completion queue.
+//!
+//! An op handle given to C is not a pointer to memory: it is a token that
+//! names a server, a slot in that server's op table and the slot's
+//! generation. A reply from any thread only pushes `(token, result)` onto
+//! the server's queue and wakes the loop; the loop thread alone owns op
+//! state. So a second reply, a reply after the client left, or a reply
+//! after the server is gone is recognised and logged, never a
+//! use-after-free.
+
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use slab::Slab;
+
+const SLOT_BITS: u32 = 24;
+const GEN_BITS: u32 = 24;
+const SERVER_BITS: u32 = 16;
+const SLOT_MASK: u64 = (1 << SLOT_BITS) - 1;
+const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
+
+/// Most ops one server can have in flight at once.
+pub(crate) const MAX_OPS: usize = 1 << SLOT_BITS;
+
+/// A packed op handle: server (16 bits) | slot (24 bits) | generation (24 bits).
+/// The generation is never 0, so no token is NULL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Token(pub u64);
+
+impl Token {
+    pub fn new(server: usize, slot: usize, generation: u32) -> Token {
+        debug_assert!(server < 1 << SERVER_BITS && slot < MAX_OPS && generation != 0);
+        Token((server as u64) << (SLOT_BITS + GEN_BITS) | (slot as u64) << GEN_BITS | generation as u64)
+    }
+    pub fn server(self) -> usize {
+        (self.0 >> (SLOT_BITS + GEN_BITS)) as usize
+    }
+    pub fn slot(self) -> usize {
+        ((self.0 >> GEN_BITS) & SLOT_MASK) as usize
+    }
+    pub fn generation(self) -> u32 {
+        (self.0 & GEN_MASK) as u32
+    }
+}
+
+/// How the plugin finished an op.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Success; for a READ, the buffer handed to the plugin holds the data.
+    Done,
+    /// Success of a READ with data the plugin kept elsewhere (copied).
+    Data(Vec<u8>),
+    /// Failure with a host errno.
+    Error(i32),
+}
+
+#[derive(Debug)]
+pub struct Completion {
+    pub token: Token,
+    pub outcome: Outcome,
+}
+
+struct Queue {
+    items: Vec<Completion>,
+    /// Set when the server's loop has ended: later replies are refused.
+    closed: bool,
+}
+
+/// One server's completion queue, shared with every replying thread.
+pub struct Completions {
+    queue: Mutex<Queue>,
+    waker: mio::Waker,
+}
+
+/// Why a reply could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyError {
+    /// The handle names no live server (NULL, garbage, or a freed server).
+    UnknownServer,
+    /// The server's loop has ended.
+    Closed,
+}
+
+impl Completions {
+    pub fn new(waker: mio::Waker) -> Self {
+        Completions { queue: Mutex::new(Queue { items: Vec::new(), closed: false }), waker }
+    }
+
+    pub fn push(&self, completion: Completion) -> Result<(), ReplyError> {
+        let was_empty = {
+            let mut q = self.queue.lock();
+            if q.closed {
+                return Err(ReplyError::Closed);
+            }
+            q.items.push(completion);
+            q.items.len() == 1
+        };
+        // Only the first completion of a batch needs to wake the loop: it
+        // drains everything queued by then in one go.
+        if was_empty {
+            if let Err(e) = self.waker.wake() {
+                log::error!("cannot wake the event loop: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes every queued completion, leaving `spare` (emptied) in its place
+    /// so the two vectors swap roles without allocating.
+    pub fn drain_into(&self, spare: &mut Vec<Completion>) {
+        spare.clear();
+        std::mem::swap(&mut self.queue.lock().items, spare);
+    }
+
+    pub fn close(&self) {
+        self.queue.lock().closed = true;
+    }
+
+    pub fn wake(&self) {
+        let _ = self.waker.wake();
+    }
+}
+
+/// Every live server, indexed by the server field of its tokens.
+static REGISTRY: RwLock<Slab<Arc<Completions>>> = RwLock::new(Slab::new());
+
+pub fn register(completions: Arc<Completions>) -> Option<usize> {
+    let mut r = REGISTRY.write();
+    if r.vacant_key() >= 1 << SERVER_BITS {
+        return None;
+    }
+    Some(r.insert(completions))
+}
+
+pub fn unregister(server: usize) {
+    let mut r = REGISTRY.write();
+    if r.contains(server) {
+        r.remove(server);
+    }
+}
+
+/// Queues a reply for `token`, from any thread.
+pub fn complete(token: Token, outcome: Outcome) -> Result<(), ReplyError> {
+    let r = REGISTRY.read();
+    let completions = r.get(token.server()).ok_or(ReplyError::UnknownServer)?;
+    completions.push(Completion { token, outcome })
+}
+
+/// The loop thread's table of ops in flight, keyed by token slot.
+pub struct OpTable<T> {
+    server: usize,
+    ops: Slab<(u32, T)>,
+    /// Last generation used per slot, kept across removals so a stale token
+    /// never matches the slot's next op.
+    generations: Vec<u32>,
+}
+
+impl<T> OpTable<T> {
+    pub fn new(server: usize) -> Self {
+        OpTable { server, ops: Slab::new(), generations: Vec::new() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.ops.len() >= MAX_OPS
+    }
+
+    fn next_generation(&mut self, slot: usize) -> u32 {
+        if slot == self.generations.len() {
+            self.generations.push(0);
+        }
+        let g = &mut self.generations[slot];
+        *g = (*g + 1) & GEN_MASK as u32;
+        if *g == 0 {
+            *g = 1;
+        }
+        *g
+    }
+
+    /// Stores an op and returns its fresh token, or `None` when full.
+    pub fn insert(&mut self, op: T) -> Option<Token> {
+        if self.is_full() {
+            return None;
+        }
+        let slot = self.ops.vacant_key();
+        let generation = self.next_generation(slot);
+        self.ops.insert((generation, op));
+        Some(Token::new(self.server, slot, generation))
+    }
+
+    /// Gives a live op a new token (a second phase of the same request, such
+    /// as the flush that emulates FUA), so a reply to the old token is stale.
+    pub fn renew(&mut self, token: Token) -> Option<Token> {
+        self.get(token)?;
+        let generation = self.next_generation(token.slot());
+        self.ops[token.slot()].0 = generation;
+        Some(Token::new(self.server, token.slot(), generation))
+    }
+
+    pub fn get(&mut self, token: Token) -> Option<&mut T> {
+        if token.server() != self.server {
+            return None;
+        }
+        match self.ops.get_mut(token.slot()) {
+            Some((g, op)) if *g == token.generation() => Some(op),
+            _ => None,
+        }
+    }
+
+    pub fn remove(&mut self, token: Token) -> Option<T> {
+        self.get(token)?;
+        Some(self.ops.remove(token.slot()).1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_fields_round_trip() {
+        let t = Token::new(65535, MAX_OPS - 1, (1 << 24) - 1);
+        assert_eq!((t.server(), t.slot(), t.generation()), (65535, MAX_OPS - 1, (1 << 24) - 1));
+        assert_ne!(Token::new(0, 0, 1).0, 0);
+    }
+
+    #[test]
+    fn stale_tokens_never_match() {
+        let mut table = OpTable::new(3);
+        let a = table.insert("a").unwrap();
+        assert_eq!(table.remove(a), Some("a"));
+        assert_eq!(table.remove(a), None, "second reply is stale");
+        let b = table.insert("b").unwrap();
+        assert_eq!(a.slot(), b.slot(), "slot reused");
+        assert_eq!(table.get(a), None, "old token does not reach the new op");
+        let b2 = table.renew(b).unwrap();
+        assert_eq!(table.get(b), None);
+        assert_eq!(table.get(b2), Some(&mut "b"));
+        assert_eq!(table.get(Token::new(4, b2.slot(), b2.generation())), None, "other server");
+    }
+
+    #[test]
+    fn generation_skips_zero_on_wrap() {
+        let mut table = OpTable::new(0);
+        table.generations.push(GEN_MASK as u32);
+        let t = table.insert(()).unwrap();
+        assert_eq!(t.generation(), 1);
+    }
+}

@@ -1,0 +1,462 @@
+//! One client connection: handshake, request dispatch, replies, teardown.
+//!
+//! The connection owns its socket and buffers; ops it starts live in the
+//! server-wide [`OpTable`] and point back at it by slab key and serial, so
+//! a connection is torn down only once its last op is answered.
+
+mod output;
+pub mod stream;
+
+use std::io;
+
+use crate::completion::{OpTable, Outcome, Token};
+use crate::config::Config;
+use crate::ffi::plugin::{NBDKIT_FLAG_FUA, NBDKIT_FLAG_MAY_TRIM};
+use crate::plugin::{Handle, Io, Plugin};
+use crate::protocol::codec::{self, RequestHeader};
+use crate::protocol::consts::*;
+use crate::protocol::handshake::{ExportInfo, ExportResolver, Handshake, Outcome as HsOutcome, Purpose};
+use crate::protocol::transmission::{Event, ExportCaps, FuaMode, Request, RequestReader};
+use output::Output;
+use stream::{interrupted, would_block, Stream};
+
+/// Size of the per-connection read buffer.
+const INPUT_BUFFER: usize = 64 * 1024;
+/// Bytes read from one connection before others get a turn.
+const READ_BUDGET: usize = 1024 * 1024;
+
+/// An NBD request handed to the plugin and not yet answered.
+pub struct Op {
+    pub conn: usize,
+    pub conn_serial: u64,
+    cookie: u64,
+    cmd: u16,
+    offset: u64,
+    count: u32,
+    /// Read buffer or write payload; owned here until the reply is sent.
+    buf: Vec<u8>,
+    /// A successful write must still be flushed before the reply (emulated FUA).
+    flush_after: bool,
+}
+
+impl Op {
+    fn held_bytes(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// State the loop lends to a connection while it works.
+pub struct Ctx<'a> {
+    pub plugin: &'a Plugin,
+    pub config: &'a Config,
+    pub ops: &'a mut OpTable<Op>,
+}
+
+enum Phase {
+    Handshake(Handshake),
+    Transmission(RequestReader),
+}
+
+/// What the loop should do with a connection after servicing it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Wait for socket readiness or completions.
+    Wait,
+    /// There is more to read right now: service again without waiting.
+    Again,
+}
+
+pub struct Connection {
+    pub key: usize,
+    pub serial: u64,
+    /// `None` once the socket is closed; the struct lives on until `inflight` is 0.
+    stream: Option<Stream>,
+    peer: String,
+    phase: Phase,
+    input: Box<[u8]>,
+    in_start: usize,
+    in_end: usize,
+    output: Output,
+    handle: Option<Handle>,
+    caps: Option<ExportCaps>,
+    /// Ops started and not yet answered.
+    pub inflight: usize,
+    /// Bytes held by this connection's ops (payloads and read buffers).
+    held_bytes: usize,
+    /// No more requests will be read (DISC, EOF, fatal error or shutdown).
+    reading_done: bool,
+    /// The last read hit EAGAIN: wait for a readable event.
+    read_blocked: bool,
+    /// The last write hit EAGAIN: wait for a writable event.
+    write_blocked: bool,
+}
+
+impl Connection {
+    pub fn new(key: usize, serial: u64, stream: Stream) -> Self {
+        let mut greeting = Vec::new();
+        let hs = Handshake::new(&mut greeting);
+        let mut output = Output::default();
+        output.push_bytes(greeting);
+        let peer = stream.peer();
+        log::debug!("connection {serial} from {peer}");
+        Connection {
+            key,
+            serial,
+            stream: Some(stream),
+            peer,
+            phase: Phase::Handshake(hs),
+            input: vec![0; INPUT_BUFFER].into_boxed_slice(),
+            in_start: 0,
+            in_end: 0,
+            output,
+            handle: None,
+            caps: None,
+            inflight: 0,
+            held_bytes: 0,
+            reading_done: false,
+            read_blocked: false,
+            write_blocked: false,
+        }
+    }
+
+    pub fn stream_mut(&mut self) -> Option<&mut Stream> {
+        self.stream.as_mut()
+    }
+
+    pub fn in_transmission(&self) -> bool {
+        matches!(self.phase, Phase::Transmission(_))
+    }
+
+    /// True once the connection can be dropped: no socket work left and no
+    /// op that could still reply into it.
+    pub fn finished(&self) -> bool {
+        self.inflight == 0 && (self.stream.is_none() || (self.reading_done && self.output.is_empty()))
+    }
+
+    /// Closes the socket now; ops still in flight are answered into the void.
+    pub fn break_off(&mut self, why: &str) {
+        if self.stream.take().is_some() {
+            log::debug!("connection {} ({}) closed: {why}", self.serial, self.peer);
+        }
+        self.reading_done = true;
+    }
+
+    /// Stops reading requests; what is in flight still gets its replies.
+    pub fn stop_reading(&mut self) {
+        if !self.in_transmission() {
+            self.break_off("server shutting down");
+        }
+        self.reading_done = true;
+    }
+
+    /// Releases the plugin handle. Called by the loop when `finished()`.
+    pub fn close(&mut self, plugin: &Plugin) {
+        if let Some(h) = self.handle.take() {
+            plugin.close(h);
+        }
+        self.stream = None;
+    }
+
+    pub fn readable(&mut self) {
+        self.read_blocked = false;
+    }
+
+    pub fn writable(&mut self) {
+        self.write_blocked = false;
+    }
+
+    fn paused(&self, config: &Config) -> bool {
+        self.inflight >= config.max_inflight || self.held_bytes + self.output.bytes >= config.max_inflight_bytes
+    }
+
+    /// Reads and handles as much input as the budget and back-pressure allow.
+    pub fn service(&mut self, ctx: &mut Ctx) -> Next {
+        let mut budget = READ_BUDGET;
+        loop {
+            if self.reading_done || self.stream.is_none() || self.paused(ctx.config) {
+                return Next::Wait;
+            }
+            if self.in_start < self.in_end {
+                self.consume_input(ctx);
+                continue;
+            }
+            if self.read_blocked {
+                return Next::Wait;
+            }
+            if budget == 0 {
+                return Next::Again;
+            }
+            match self.read_some(ctx) {
+                Ok(0) => {
+                    // EOF: treat like NBD_CMD_DISC, finishing what is in flight.
+                    log::debug!("connection {}: client closed its end", self.serial);
+                    self.reading_done = true;
+                }
+                Ok(n) => budget = budget.saturating_sub(n),
+                Err(e) if would_block(&e) => self.read_blocked = true,
+                Err(e) if interrupted(&e) => {}
+                Err(e) => self.break_off(&format!("read error: {e}")),
+            }
+        }
+    }
+
+    /// One read: straight into a WRITE payload when one is pending and
+    /// the input buffer is empty, else into the input buffer.
+    fn read_some(&mut self, ctx: &mut Ctx) -> io::Result<usize> {
+        let stream = self.stream.as_mut().expect("checked by caller");
+        if let Phase::Transmission(reader) = &mut self.phase {
+            if let Some(space) = reader.payload_space() {
+                if space.len() >= INPUT_BUFFER / 2 {
+                    let n = stream.read(space)?;
+                    if n > 0 {
+                        if let Some(event) = reader.payload_filled(n) {
+                            self.on_event(event, ctx);
+                        }
+                    }
+                    return Ok(n);
+                }
+            }
+        }
+        self.in_start = 0;
+        self.in_end = 0;
+        let n = stream.read(&mut self.input)?;
+        self.in_end = n;
+        Ok(n)
+    }
+
+    fn consume_input(&mut self, ctx: &mut Ctx) {
+        let input = &self.input[self.in_start..self.in_end];
+        match &mut self.phase {
+            Phase::Handshake(hs) => {
+                let mut out = Vec::new();
+                let mut resolver = Resolver { ctx, handle: &mut self.handle, caps: &mut self.caps };
+                let (used, outcome) = hs.feed(input, &mut out, &mut resolver);
+                self.in_start += used;
+                self.output.push_bytes(out);
+                match outcome {
+                    HsOutcome::NeedMore => {}
+                    HsOutcome::Done(negotiated) => {
+                        let mut caps = self.caps.expect("set by resolve");
+                        caps.structured_replies = negotiated.structured_replies;
+                        self.caps = Some(caps);
+                        log::debug!(
+                            "connection {}: export {:?} size {} flags {:#x}{}",
+                            self.serial,
+                            negotiated.export.name,
+                            caps.size,
+                            negotiated.export.flags,
+                            if caps.structured_replies { ", structured replies" } else { "" }
+                        );
+                        self.phase = Phase::Transmission(RequestReader::new(caps));
+                    }
+                    HsOutcome::Close(why) => {
+                        log::debug!("connection {}: handshake ended: {why}", self.serial);
+                        self.reading_done = true;
+                        self.in_start = self.in_end;
+                    }
+                }
+            }
+            Phase::Transmission(reader) => {
+                let (used, event) = reader.feed(input);
+                self.in_start += used;
+                if let Some(event) = event {
+                    self.on_event(event, ctx);
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event, ctx: &mut Ctx) {
+        match event {
+            Event::Request(req) => self.dispatch(req, ctx),
+            Event::Reject { header, error } => {
+                log::debug!("{} cookie {:#x} rejected: error {error}", cmd_name(header.cmd), header.cookie);
+                self.queue_error(&header, error);
+            }
+            Event::Disconnect => {
+                log::debug!("connection {}: NBD_CMD_DISC", self.serial);
+                self.reading_done = true;
+                self.in_start = self.in_end;
+            }
+            Event::Fatal(why) => self.break_off(why),
+        }
+    }
+
+    fn dispatch(&mut self, req: Request, ctx: &mut Ctx) {
+        let h = req.header;
+        let caps = self.caps.expect("transmission implies caps");
+        let (io, mut flags) = match h.cmd {
+            CMD_READ => (Io::Read, 0),
+            CMD_WRITE => (Io::Write, 0),
+            CMD_FLUSH => (Io::Flush, 0),
+            CMD_TRIM => (Io::Trim, 0),
+            CMD_WRITE_ZEROES if h.flags & CMD_FLAG_NO_HOLE != 0 => (Io::Zero, 0),
+            CMD_WRITE_ZEROES => (Io::Zero, NBDKIT_FLAG_MAY_TRIM),
+            CMD_CACHE => (Io::Cache, 0),
+            _ => unreachable!("validated"),
+        };
+        let fua = h.flags & CMD_FLAG_FUA != 0 && matches!(io, Io::Write | Io::Trim | Io::Zero);
+        if fua && caps.fua == FuaMode::Native {
+            flags |= NBDKIT_FLAG_FUA;
+        }
+        let buf = if io == Io::Read { vec![0u8; h.length as usize] } else { req.payload };
+        let op = Op {
+            conn: self.key,
+            conn_serial: self.serial,
+            cookie: h.cookie,
+            cmd: h.cmd,
+            offset: h.offset,
+            count: h.length,
+            buf,
+            flush_after: fua && caps.fua == FuaMode::Emulate,
+        };
+        let held = op.held_bytes();
+        let Some(token) = ctx.ops.insert(op) else {
+            self.queue_error(&h, NBD_ENOMEM);
+            return;
+        };
+        self.inflight += 1;
+        self.held_bytes += held;
+        let handle = self.handle.expect("transmission implies a handle");
+        let op = ctx.ops.get(token).expect("just inserted");
+        if let Err(errno) = ctx.plugin.start(io, token, handle, &mut op.buf, h.length, h.offset, flags) {
+            let op = ctx.ops.remove(token).expect("plugin refused it");
+            self.finish(op, Outcome::Error(errno), ctx);
+        }
+    }
+
+    /// Answers a finished op: emulated FUA first, then the reply.
+    pub fn complete(&mut self, token: Token, outcome: Outcome, ctx: &mut Ctx) {
+        let op = ctx.ops.get(token).expect("caller looked it up");
+        if op.flush_after && outcome == Outcome::Done {
+            op.flush_after = false;
+            let new_token = ctx.ops.renew(token).expect("live op");
+            let handle = self.handle.expect("ops imply a handle");
+            log::trace!("emulating FUA with a flush");
+            if let Err(errno) = ctx.plugin.start(Io::Flush, new_token, handle, &mut [], 0, 0, 0) {
+                let op = ctx.ops.remove(new_token).expect("live op");
+                self.finish(op, Outcome::Error(errno), ctx);
+            }
+            return;
+        }
+        let op = ctx.ops.remove(token).expect("caller looked it up");
+        self.finish(op, outcome, ctx);
+    }
+
+    fn finish(&mut self, op: Op, outcome: Outcome, ctx: &mut Ctx) {
+        let _ = ctx;
+        self.inflight -= 1;
+        self.held_bytes -= op.held_bytes();
+        if self.stream.is_none() {
+            return; // client gone: the reply has nowhere to go
+        }
+        let header = RequestHeader { flags: 0, cmd: op.cmd, cookie: op.cookie, offset: op.offset, length: op.count };
+        let result = match outcome {
+            Outcome::Done => Ok(op.buf),
+            Outcome::Data(data) if op.cmd == CMD_READ && data.len() == op.count as usize => Ok(data),
+            Outcome::Data(data) => {
+                log::error!(
+                    "plugin misuse: nbdkit_reply_read with {} bytes for {} of {} bytes; answering EIO",
+                    data.len(),
+                    cmd_name(op.cmd),
+                    op.count
+                );
+                Err(libc::EIO)
+            }
+            Outcome::Error(errno) => Err(errno),
+        };
+        match result {
+            Ok(data) if op.cmd == CMD_READ => {
+                let structured = self.caps.is_some_and(|c| c.structured_replies);
+                let h = if structured {
+                    codec::structured_read_data(op.cookie, op.offset, op.count)
+                } else {
+                    codec::simple_reply(op.cookie, 0)
+                };
+                self.output.push_reply(h, data);
+            }
+            Ok(_) => self.output.push_reply(codec::simple_reply(op.cookie, 0), Vec::new()),
+            Err(errno) => {
+                log::debug!("{} cookie {:#x} failed: {}", cmd_name(op.cmd), op.cookie, io::Error::from_raw_os_error(errno));
+                self.queue_error(&header, nbd_errno(errno));
+            }
+        }
+    }
+
+    fn queue_error(&mut self, h: &RequestHeader, nbd_error: u32) {
+        let structured = self.caps.is_some_and(|c| c.structured_replies);
+        let reply = if structured && h.cmd == CMD_READ {
+            codec::structured_error(h.cookie, nbd_error)
+        } else {
+            codec::simple_reply(h.cookie, nbd_error)
+        };
+        self.output.push_reply(reply, Vec::new());
+    }
+
+    /// Sends queued output. Returns false if the socket failed.
+    pub fn flush(&mut self) {
+        if self.write_blocked || self.output.is_empty() {
+            return;
+        }
+        let Some(stream) = self.stream.as_mut() else { return };
+        match self.output.flush(stream) {
+            Ok(true) => {}
+            Ok(false) => self.write_blocked = true,
+            Err(e) => self.break_off(&format!("write error: {e}")),
+        }
+    }
+}
+
+/// Export selection for the handshake, backed by the plugin.
+struct Resolver<'a, 'b> {
+    ctx: &'a mut Ctx<'b>,
+    handle: &'a mut Option<Handle>,
+    caps: &'a mut Option<ExportCaps>,
+}
+
+impl ExportResolver for Resolver<'_, '_> {
+    fn resolve(&mut self, name: &str, purpose: Purpose) -> Result<ExportInfo, u32> {
+        let config = self.ctx.config;
+        let plugin = self.ctx.plugin;
+        if !name.is_empty() && name != config.export_name {
+            return Err(REP_ERR_UNKNOWN);
+        }
+        let refuse = |errno: i32| {
+            log::debug!("export {:?}: {}", config.export_name, io::Error::from_raw_os_error(errno));
+            match errno {
+                libc::EPERM | libc::EACCES => REP_ERR_POLICY,
+                _ => REP_ERR_UNKNOWN,
+            }
+        };
+        let handle = plugin.open(config.readonly, &config.export_name).map_err(refuse)?;
+        let caps = match plugin.caps(handle, config.readonly, false) {
+            Ok(c) => c,
+            Err(e) => {
+                plugin.close(handle);
+                return Err(refuse(e));
+            }
+        };
+        let info = ExportInfo {
+            name: config.export_name.clone(),
+            description: config.export_description.clone(),
+            size: caps.size,
+            flags: caps.transmission_flags(),
+            block_size: (1, 4096, crate::protocol::transmission::MAX_PAYLOAD),
+        };
+        match purpose {
+            Purpose::Info => plugin.close(handle),
+            Purpose::Go => {
+                if let Some(old) = self.handle.replace(handle) {
+                    plugin.close(old);
+                }
+                *self.caps = Some(caps);
+            }
+        }
+        Ok(info)
+    }
+
+    fn list(&mut self) -> Vec<(String, String)> {
+        let c = self.ctx.config;
+        vec![(c.export_name.clone(), c.export_description.clone().unwrap_or_default())]
+    }
+}

@@ -1,0 +1,102 @@
+//! A connection's queue of bytes for the client, sent with writev.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+
+use super::stream::{interrupted, Stream};
+use crate::protocol::codec::ReplyHeader;
+
+/// Frames gathered into one writev call.
+const MAX_FRAMES_PER_WRITE: usize = 64;
+
+enum Frame {
+    /// A reply header and its payload (read data, possibly empty).
+    Reply(ReplyHeader, Vec<u8>),
+    /// Raw handshake bytes.
+    Bytes(Vec<u8>),
+}
+
+impl Frame {
+    fn parts(&self) -> (&[u8], &[u8]) {
+        match self {
+            Frame::Reply(h, p) => (h.as_bytes(), p),
+            Frame::Bytes(b) => (b, &[]),
+        }
+    }
+    fn len(&self) -> usize {
+        let (a, b) = self.parts();
+        a.len() + b.len()
+    }
+}
+
+#[derive(Default)]
+pub struct Output {
+    frames: VecDeque<Frame>,
+    /// Bytes of the first frame already sent.
+    sent: usize,
+    /// Bytes queued and not yet sent.
+    pub bytes: usize,
+}
+
+impl Output {
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    pub fn push_reply(&mut self, header: ReplyHeader, payload: Vec<u8>) {
+        let f = Frame::Reply(header, payload);
+        self.bytes += f.len();
+        self.frames.push_back(f);
+    }
+
+    pub fn push_bytes(&mut self, bytes: Vec<u8>) {
+        if !bytes.is_empty() {
+            self.bytes += bytes.len();
+            self.frames.push_back(Frame::Bytes(bytes));
+        }
+    }
+
+    /// Writes until the queue is empty or the socket is full. `Ok(true)`
+    /// means everything was sent.
+    pub fn flush(&mut self, stream: &mut Stream) -> io::Result<bool> {
+        while !self.frames.is_empty() {
+            let mut slices: [IoSlice<'_>; 2 * MAX_FRAMES_PER_WRITE] = [IoSlice::new(&[]); 2 * MAX_FRAMES_PER_WRITE];
+            let mut n = 0;
+            let mut skip = self.sent;
+            for f in self.frames.iter().take(MAX_FRAMES_PER_WRITE) {
+                for part in [f.parts().0, f.parts().1] {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    slices[n] = IoSlice::new(&part[skip..]);
+                    skip = 0;
+                    n += 1;
+                }
+            }
+            let written = match stream.write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(w) => w,
+                Err(e) if interrupted(&e) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            self.advance(written);
+        }
+        Ok(true)
+    }
+
+    fn advance(&mut self, mut written: usize) {
+        self.bytes -= written;
+        while written > 0 {
+            let left = self.frames[0].len() - self.sent;
+            if written < left {
+                self.sent += written;
+                return;
+            }
+            written -= left;
+            self.sent = 0;
+            self.frames.pop_front();
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! The C API. This is the only module with `#[no_mangle]` functions; each
+
+#![allow(non_camel_case_types)]
+//! body runs inside [`guard`] so no panic unwinds into C.
+
+pub mod plugin;
+pub mod reply;
+pub mod server;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Runs an exported function's body, turning a panic into `on_panic`.
+fn guard<T>(name: &str, on_panic: T, body: impl FnOnce() -> T) -> T {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(v) => v,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            log::error!("internal error in {name}: {msg}");
+            on_panic
+        }
+    }
+}
+
+/// A negative errno for C.
+fn neg(errno: i32) -> i32 {
+    -errno
+}

@@ -1,0 +1,14 @@
+//! libnbdkit-async: an NBD server library with an asynchronous C plugin API.
+//!
+//! One mio event loop thread owns every socket; plugin callbacks start I/O
+//! and return at once, and the plugin answers each op later, from any
+//! thread, with `nbdkit_reply*`. See README.md and include/nbdkit-async.h.
+
+pub mod completion;
+pub mod config;
+pub mod conn;
+pub mod event_loop;
+pub mod ffi;
+pub mod logging;
+pub mod plugin;
+pub mod protocol;

@@ -1,0 +1,563 @@
+//! The fixed-newstyle handshake as a sans-IO state machine.
+//!
+//! Bytes from the client go in through [`Handshake::feed`]; bytes for the
+//! client come out in a `Vec` the caller sends. Export look-ups go through
+//! [`ExportResolver`], so the machine can be driven by a unit test as easily
+//! as by a socket (and later by a TLS session).
+
+use super::codec::{be_u16, be_u32, be_u64, option_reply};
+use super::consts::*;
+
+/// Option payloads above this are not buffered: they are skipped and refused.
+/// Our largest legitimate option (INFO/GO) is a 4096-byte name plus a few
+/// 16-bit info requests.
+pub(crate) const MAX_OPTION_LEN: u32 = 16 * 1024;
+/// Longest string (export name) the spec allows.
+pub(crate) const MAX_STRING_LEN: usize = 4096;
+/// Options a client may send before it must pick an export.
+pub(crate) const MAX_OPTIONS: u32 = 1024;
+
+/// What the server tells a client about an export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub name: String,
+    pub description: Option<String>,
+    pub size: u64,
+    /// Transmission flags (NBD_FLAG_*), HAS_FLAGS included.
+    pub flags: u16,
+    /// Minimum, preferred and maximum block size.
+    pub block_size: (u32, u32, u32),
+}
+
+/// Why an export is being resolved: INFO only looks, GO keeps it open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Info,
+    Go,
+}
+
+/// The server side of export selection, implemented by the connection.
+pub trait ExportResolver {
+    /// Resolves `name` (`""` is the default export). On failure returns an
+    /// NBD_REP_ERR_* code.
+    fn resolve(&mut self, name: &str, purpose: Purpose) -> Result<ExportInfo, u32>;
+    /// Every export as (name, description), for NBD_OPT_LIST.
+    fn list(&mut self) -> Vec<(String, String)>;
+}
+
+/// What the client and server agreed on when the handshake ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    pub export: ExportInfo,
+    pub structured_replies: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Feed more bytes.
+    NeedMore,
+    /// Transmission starts; bytes after the consumed count are requests.
+    Done(Negotiated),
+    /// Send what is in `out`, then close the connection.
+    Close(&'static str),
+}
+
+#[derive(Debug)]
+enum State {
+    ClientFlags,
+    OptionHeader,
+    OptionData { opt: u32, len: usize },
+    /// Skipping an option we will not buffer; `refusal` is sent once it is consumed.
+    Discard { opt: u32, remaining: u64, refusal: u32 },
+    Finished,
+}
+
+pub struct Handshake {
+    state: State,
+    buf: Vec<u8>,
+    no_zeroes: bool,
+    structured_replies: bool,
+    options_seen: u32,
+}
+
+impl Handshake {
+    /// Starts a handshake, writing the server greeting to `out`.
+    pub fn new(out: &mut Vec<u8>) -> Self {
+        out.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        Handshake {
+            state: State::ClientFlags,
+            buf: Vec::with_capacity(16),
+            no_zeroes: false,
+            structured_replies: false,
+            options_seen: 0,
+        }
+    }
+
+    /// Consumes bytes from `input` until the handshake needs more, ends or
+    /// fails. Returns how many bytes were used: after `Done`, the rest of
+    /// `input` belongs to the transmission phase.
+    pub fn feed(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        exports: &mut dyn ExportResolver,
+    ) -> (usize, Outcome) {
+        let mut used = 0;
+        loop {
+            if let State::Discard { opt, remaining, refusal } = self.state {
+                let n = (input.len() - used).min(remaining as usize) as u64;
+                used += n as usize;
+                if n < remaining {
+                    self.state = State::Discard { opt, remaining: remaining - n, refusal };
+                    return (used, Outcome::NeedMore);
+                }
+                log::debug!("{}: refused with {}", opt_name(opt), rep_name(refusal));
+                option_reply(out, opt, refusal, &[]);
+                self.state = State::OptionHeader;
+                continue;
+            }
+            let need = match self.state {
+                State::ClientFlags => 4,
+                State::OptionHeader => 16,
+                State::OptionData { len, .. } => len,
+                State::Finished => return (used, Outcome::Close("input after handshake end")),
+                State::Discard { .. } => unreachable!(),
+            };
+            let take = (need - self.buf.len()).min(input.len() - used);
+            self.buf.extend_from_slice(&input[used..used + take]);
+            used += take;
+            if self.buf.len() < need {
+                return (used, Outcome::NeedMore);
+            }
+            let msg = std::mem::take(&mut self.buf);
+            let outcome = self.step(&msg, out, exports);
+            self.buf = msg;
+            self.buf.clear();
+            if let Some(outcome) = outcome {
+                if !matches!(outcome, Outcome::NeedMore) {
+                    self.state = State::Finished;
+                }
+                return (used, outcome);
+            }
+        }
+    }
+
+    /// Handles one complete message; `None` means keep going.
+    fn step(&mut self, msg: &[u8], out: &mut Vec<u8>, exports: &mut dyn ExportResolver) -> Option<Outcome> {
+        match self.state {
+            State::ClientFlags => {
+                let flags = be_u32(msg);
+                if flags & !(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES) != 0 {
+                    return Some(Outcome::Close("unknown client flags"));
+                }
+                if flags & CLIENT_FLAG_FIXED_NEWSTYLE == 0 {
+                    return Some(Outcome::Close("client does not speak fixed newstyle"));
+                }
+                self.no_zeroes = flags & CLIENT_FLAG_NO_ZEROES != 0;
+                self.state = State::OptionHeader;
+                None
+            }
+            State::OptionHeader => {
+                if be_u64(&msg[0..8]) != IHAVEOPT {
+                    return Some(Outcome::Close("bad option magic"));
+                }
+                self.options_seen += 1;
+                if self.options_seen > MAX_OPTIONS {
+                    return Some(Outcome::Close("too many options"));
+                }
+                let opt = be_u32(&msg[8..12]);
+                let len = be_u32(&msg[12..16]);
+                log::debug!("client option {} ({} bytes)", opt_name(opt), len);
+                if !is_known_option(opt) || len > MAX_OPTION_LEN {
+                    if opt == OPT_EXPORT_NAME {
+                        return Some(Outcome::Close("NBD_OPT_EXPORT_NAME name too long"));
+                    }
+                    let refusal = if is_known_option(opt) { REP_ERR_TOO_BIG } else { REP_ERR_UNSUP };
+                    self.state = State::Discard { opt, remaining: len as u64, refusal };
+                    return None;
+                }
+                self.state = State::OptionData { opt, len: len as usize };
+                if len == 0 {
+                    // No payload to wait for: handle it now.
+                    return self.step(&[], out, exports);
+                }
+                None
+            }
+            State::OptionData { opt, .. } => {
+                self.state = State::OptionHeader;
+                self.option(opt, msg, out, exports)
+            }
+            State::Discard { .. } | State::Finished => unreachable!(),
+        }
+    }
+
+    fn option(&mut self, opt: u32, data: &[u8], out: &mut Vec<u8>, exports: &mut dyn ExportResolver) -> Option<Outcome> {
+        let reply_err = |out: &mut Vec<u8>, err: u32| {
+            log::debug!("{}: {}", opt_name(opt), rep_name(err));
+            option_reply(out, opt, err, &[]);
+            None
+        };
+        match opt {
+            OPT_ABORT => {
+                option_reply(out, opt, REP_ACK, &[]);
+                Some(Outcome::Close("client sent NBD_OPT_ABORT"))
+            }
+            OPT_EXPORT_NAME => {
+                let Some(name) = parse_string(data) else {
+                    return Some(Outcome::Close("NBD_OPT_EXPORT_NAME with an invalid name"));
+                };
+                match exports.resolve(name, Purpose::Go) {
+                    Ok(mut info) => {
+                        self.add_df(&mut info);
+                        out.extend_from_slice(&info.size.to_be_bytes());
+                        out.extend_from_slice(&info.flags.to_be_bytes());
+                        if !self.no_zeroes {
+                            out.extend_from_slice(&[0u8; 124]);
+                        }
+                        Some(self.done(info))
+                    }
+                    // EXPORT_NAME has no way to report an error but hanging up.
+                    Err(_) => Some(Outcome::Close("NBD_OPT_EXPORT_NAME for an export that failed to open")),
+                }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    return reply_err(out, REP_ERR_INVALID);
+                }
+                self.structured_replies = true;
+                option_reply(out, opt, REP_ACK, &[]);
+                None
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    return reply_err(out, REP_ERR_INVALID);
+                }
+                for (name, description) in exports.list() {
+                    let mut payload = Vec::with_capacity(4 + name.len() + description.len());
+                    payload.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                    payload.extend_from_slice(name.as_bytes());
+                    payload.extend_from_slice(description.as_bytes());
+                    option_reply(out, opt, REP_SERVER, &payload);
+                }
+                option_reply(out, opt, REP_ACK, &[]);
+                None
+            }
+            OPT_INFO | OPT_GO => {
+                let Some((name, requests)) = parse_info_request(data) else {
+                    return reply_err(out, REP_ERR_INVALID);
+                };
+                let purpose = if opt == OPT_GO { Purpose::Go } else { Purpose::Info };
+                let mut info = match exports.resolve(name, purpose) {
+                    Ok(info) => info,
+                    Err(e) => return reply_err(out, e),
+                };
+                self.add_df(&mut info);
+                send_info(out, opt, &info, &requests);
+                option_reply(out, opt, REP_ACK, &[]);
+                if opt == OPT_GO { Some(self.done(info)) } else { None }
+            }
+            _ => reply_err(out, REP_ERR_UNSUP),
+        }
+    }
+
+    fn add_df(&self, info: &mut ExportInfo) {
+        if self.structured_replies {
+            // Our READ replies are always one chunk, so DF costs nothing.
+            info.flags |= FLAG_SEND_DF;
+        }
+    }
+
+    fn done(&self, export: ExportInfo) -> Outcome {
+        Outcome::Done(Negotiated { export, structured_replies: self.structured_replies })
+    }
+}
+
+fn is_known_option(opt: u32) -> bool {
+    matches!(opt, OPT_EXPORT_NAME | OPT_ABORT | OPT_LIST | OPT_INFO | OPT_GO | OPT_STRUCTURED_REPLY)
+}
+
+/// A whole option payload as a string: valid UTF-8, no NUL, spec-bounded.
+fn parse_string(data: &[u8]) -> Option<&str> {
+    if data.len() > MAX_STRING_LEN || data.contains(&0) {
+        return None;
+    }
+    std::str::from_utf8(data).ok()
+}
+
+/// NBD_OPT_INFO / NBD_OPT_GO payload: name, then a list of NBD_INFO_* requests.
+fn parse_info_request(data: &[u8]) -> Option<(&str, Vec<u16>)> {
+    if data.len() < 6 {
+        return None;
+    }
+    let name_len = be_u32(&data[0..4]) as usize;
+    if name_len > data.len() - 6 {
+        return None;
+    }
+    let name = parse_string(&data[4..4 + name_len])?;
+    let rest = &data[4 + name_len..];
+    let count = be_u16(&rest[0..2]) as usize;
+    let list = &rest[2..];
+    if list.len() != count * 2 {
+        return None;
+    }
+    Some((name, list.chunks(2).map(be_u16).collect()))
+}
+
+fn send_info(out: &mut Vec<u8>, opt: u32, info: &ExportInfo, requests: &[u16]) {
+    let mut export = Vec::with_capacity(12);
+    export.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+    export.extend_from_slice(&info.size.to_be_bytes());
+    export.extend_from_slice(&info.flags.to_be_bytes());
+    option_reply(out, opt, REP_INFO, &export);
+
+    for &request in requests {
+        let mut payload = request.to_be_bytes().to_vec();
+        match request {
+            INFO_NAME => payload.extend_from_slice(info.name.as_bytes()),
+            INFO_DESCRIPTION => match &info.description {
+                Some(d) => payload.extend_from_slice(d.as_bytes()),
+                None => continue,
+            },
+            INFO_BLOCK_SIZE => {
+                let (min, pref, max) = info.block_size;
+                for v in [min, pref, max] {
+                    payload.extend_from_slice(&v.to_be_bytes());
+                }
+            }
+            // INFO_EXPORT was sent already; unknown requests are ignored as the spec says.
+            _ => continue,
+        }
+        log::debug!("{}: sending {}", opt_name(opt), info_name(request));
+        option_reply(out, opt, REP_INFO, &payload);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct OneExport {
+        opened: Vec<(String, Purpose)>,
+    }
+
+    impl ExportResolver for OneExport {
+        fn resolve(&mut self, name: &str, purpose: Purpose) -> Result<ExportInfo, u32> {
+            if name != "" && name != "disk" {
+                return Err(REP_ERR_UNKNOWN);
+            }
+            self.opened.push((name.to_string(), purpose));
+            Ok(ExportInfo {
+                name: "disk".into(),
+                description: Some("a test disk".into()),
+                size: 1 << 20,
+                flags: FLAG_HAS_FLAGS | FLAG_SEND_FLUSH,
+                block_size: (1, 4096, 32 << 20),
+            })
+        }
+        fn list(&mut self) -> Vec<(String, String)> {
+            vec![("disk".into(), "a test disk".into())]
+        }
+    }
+
+    fn option(opt: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = IHAVEOPT.to_be_bytes().to_vec();
+        v.extend_from_slice(&opt.to_be_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    fn info_request(name: &str, requests: &[u16]) -> Vec<u8> {
+        let mut v = (name.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(name.as_bytes());
+        v.extend_from_slice(&(requests.len() as u16).to_be_bytes());
+        for r in requests {
+            v.extend_from_slice(&r.to_be_bytes());
+        }
+        v
+    }
+
+    /// Splits option replies out of server output: (option, reply type, payload).
+    fn replies(mut out: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+        let mut v = Vec::new();
+        while !out.is_empty() {
+            assert_eq!(be_u64(&out[0..8]), OPT_REPLY_MAGIC);
+            let len = be_u32(&out[16..20]) as usize;
+            v.push((be_u32(&out[8..12]), be_u32(&out[12..16]), out[20..20 + len].to_vec()));
+            out = &out[20 + len..];
+        }
+        v
+    }
+
+    fn start() -> (Handshake, OneExport) {
+        let mut out = Vec::new();
+        let hs = Handshake::new(&mut out);
+        assert_eq!(out.len(), 18);
+        assert_eq!(be_u64(&out[0..8]), NBDMAGIC);
+        assert_eq!(be_u64(&out[8..16]), IHAVEOPT);
+        assert_eq!(be_u16(&out[16..18]), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        (hs, OneExport { opened: vec![] })
+    }
+
+    fn client_flags(flags: u32) -> Vec<u8> {
+        flags.to_be_bytes().to_vec()
+    }
+
+    #[test]
+    fn go_with_structured_replies_one_byte_at_a_time() {
+        let (mut hs, mut ex) = start();
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
+        input.extend(option(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(option(OPT_GO, &info_request("", &[INFO_NAME, INFO_BLOCK_SIZE, INFO_DESCRIPTION])));
+        input.extend_from_slice(b"tail");
+        let mut out = Vec::new();
+        let mut pos = 0;
+        let negotiated = loop {
+            let (used, outcome) = hs.feed(&input[pos..pos + 1], &mut out, &mut ex);
+            pos += used;
+            match outcome {
+                Outcome::NeedMore => assert_eq!(used, 1),
+                Outcome::Done(n) => break n,
+                Outcome::Close(why) => panic!("closed: {why}"),
+            }
+        };
+        assert_eq!(&input[pos..], b"tail");
+        assert!(negotiated.structured_replies);
+        assert_eq!(ex.opened, vec![("".to_string(), Purpose::Go)]);
+        let r = replies(&out);
+        let types: Vec<u32> = r.iter().map(|x| x.1).collect();
+        assert_eq!(types, vec![REP_ACK, REP_INFO, REP_INFO, REP_INFO, REP_INFO, REP_ACK]);
+        assert_eq!(be_u16(&r[1].2[0..2]), INFO_EXPORT);
+        assert_eq!(be_u64(&r[1].2[2..10]), 1 << 20);
+        assert_eq!(&r[2].2[2..], b"disk");
+        assert_eq!(r[3].2.len(), 14);
+        assert_eq!(&r[4].2[2..], b"a test disk");
+    }
+
+    #[test]
+    fn export_name_without_no_zeroes_pads() {
+        let (mut hs, mut ex) = start();
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
+        input.extend(option(OPT_EXPORT_NAME, b"disk"));
+        let mut out = Vec::new();
+        let (used, outcome) = hs.feed(&input, &mut out, &mut ex);
+        assert_eq!(used, input.len());
+        assert!(matches!(outcome, Outcome::Done(_)));
+        assert_eq!(out.len(), 8 + 2 + 124);
+    }
+
+    #[test]
+    fn unknown_export_is_refused_and_handshake_continues() {
+        let (mut hs, mut ex) = start();
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
+        input.extend(option(OPT_INFO, &info_request("nope", &[])));
+        input.extend(option(OPT_INFO, &info_request("disk", &[])));
+        let mut out = Vec::new();
+        let (used, outcome) = hs.feed(&input, &mut out, &mut ex);
+        assert_eq!((used, outcome), (input.len(), Outcome::NeedMore));
+        let r = replies(&out);
+        assert_eq!(r[0].1, REP_ERR_UNKNOWN);
+        assert_eq!(r[1].1, REP_INFO);
+        assert_eq!(r[2].1, REP_ACK);
+        assert_eq!(ex.opened, vec![("disk".to_string(), Purpose::Info)]);
+    }
+
+    #[test]
+    fn unknown_and_oversized_options_are_skipped_by_length() {
+        let (mut hs, mut ex) = start();
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
+        input.extend(option(0x7777, &[1, 2, 3]));
+        input.extend(option(OPT_LIST, &vec![0u8; MAX_OPTION_LEN as usize + 1]));
+        input.extend(option(OPT_LIST, &[]));
+        let mut out = Vec::new();
+        let (used, outcome) = hs.feed(&input, &mut out, &mut ex);
+        assert_eq!((used, outcome), (input.len(), Outcome::NeedMore));
+        let r = replies(&out);
+        assert_eq!(r[0], (0x7777, REP_ERR_UNSUP, vec![]));
+        assert_eq!(r[1].1, REP_ERR_TOO_BIG);
+        assert_eq!(r[2].1, REP_SERVER);
+        assert_eq!(&r[2].2[4..8], b"disk");
+        assert_eq!(r[3].1, REP_ACK);
+    }
+
+    #[test]
+    fn huge_claimed_length_is_not_buffered() {
+        let (mut hs, mut ex) = start();
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
+        let mut header = option(OPT_GO, &[]);
+        header[12..16].copy_from_slice(&u32::MAX.to_be_bytes());
+        input.extend(header);
+        input.extend(vec![0u8; 1 << 16]);
+        let mut out = Vec::new();
+        let (used, outcome) = hs.feed(&input, &mut out, &mut ex);
+        assert_eq!((used, outcome), (input.len(), Outcome::NeedMore));
+        assert!(hs.buf.capacity() < 1 << 16);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn malformed_info_and_structured_requests_are_invalid() {
+        let (mut hs, mut ex) = start();
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
+        let mut bad = info_request("disk", &[INFO_NAME]);
+        bad.push(0); // odd trailing byte
+        input.extend(option(OPT_GO, &bad));
+        let mut lying = info_request("disk", &[]);
+        lying[0..4].copy_from_slice(&1000u32.to_be_bytes()); // name longer than payload
+        input.extend(option(OPT_GO, &lying));
+        input.extend(option(OPT_STRUCTURED_REPLY, &[1]));
+        input.extend(option(OPT_GO, &info_request("di\0k", &[])));
+        let mut out = Vec::new();
+        let (_, outcome) = hs.feed(&input, &mut out, &mut ex);
+        assert_eq!(outcome, Outcome::NeedMore);
+        let r: Vec<u32> = replies(&out).iter().map(|x| x.1).collect();
+        assert_eq!(r, vec![REP_ERR_INVALID; 4]);
+        assert!(ex.opened.is_empty());
+    }
+
+    #[test]
+    fn bad_flags_magic_and_abort_close() {
+        for (flags, why) in [(0u32, "fixed newstyle"), (1 << 5, "unknown client flags")] {
+            let (mut hs, mut ex) = start();
+            let (_, outcome) = hs.feed(&client_flags(flags), &mut Vec::new(), &mut ex);
+            assert!(matches!(outcome, Outcome::Close(w) if w.contains(why)), "{why}");
+        }
+        let (mut hs, mut ex) = start();
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
+        let mut opt = option(OPT_LIST, &[]);
+        opt[0] ^= 1;
+        input.extend(opt);
+        let (_, outcome) = hs.feed(&input, &mut Vec::new(), &mut ex);
+        assert_eq!(outcome, Outcome::Close("bad option magic"));
+
+        let (mut hs, mut ex) = start();
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
+        input.extend(option(OPT_ABORT, &[]));
+        let mut out = Vec::new();
+        let (_, outcome) = hs.feed(&input, &mut out, &mut ex);
+        assert!(matches!(outcome, Outcome::Close(_)));
+        assert_eq!(replies(&out)[0].1, REP_ACK);
+    }
+
+    #[test]
+    fn export_name_failure_closes() {
+        let (mut hs, mut ex) = start();
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
+        input.extend(option(OPT_EXPORT_NAME, b"nope"));
+        let (_, outcome) = hs.feed(&input, &mut Vec::new(), &mut ex);
+        assert!(matches!(outcome, Outcome::Close(_)));
+    }
+
+    #[test]
+    fn option_flood_closes() {
+        let (mut hs, mut ex) = start();
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
+        for _ in 0..=MAX_OPTIONS {
+            input.extend(option(OPT_STRUCTURED_REPLY, &[]));
+        }
+        let (_, outcome) = hs.feed(&input, &mut Vec::new(), &mut ex);
+        assert_eq!(outcome, Outcome::Close("too many options"));
+    }
+}
