@@ -8,6 +8,7 @@
  *
  *   build/memdisk [--unix PATH] [--tcp HOST:PORT] [--size N[K|M|G]]
  *                 [--latency-ms N] [--workers N] [--readonly] [--export NAME]
+ *                 [--max-inflight N]
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -235,7 +236,8 @@ usage (void)
   fprintf (stderr,
            "usage: memdisk [--unix PATH] [--tcp HOST:PORT] [--size N[K|M|G]]\n"
            "               [--latency-ms N] [--workers N] [--readonly]"
-           " [--export NAME]\n");
+           " [--export NAME]\n"
+           "               [--max-inflight N]\n");
   exit (EXIT_FAILURE);
 }
 
@@ -244,6 +246,7 @@ main (int argc, char *argv[])
 {
   const char *unix_path = NULL, *tcp = NULL, *export_name = "";
   int workers = 2, readonly = 0;
+  long max_inflight = 0;
   disk.size = 1ULL << 30;
 
   static const struct option opts[] = {
@@ -254,6 +257,7 @@ main (int argc, char *argv[])
     { "workers", required_argument, NULL, 'w' },
     { "readonly", no_argument, NULL, 'r' },
     { "export", required_argument, NULL, 'e' },
+    { "max-inflight", required_argument, NULL, 'm' },
     { NULL, 0, NULL, 0 },
   };
   int c;
@@ -266,10 +270,11 @@ main (int argc, char *argv[])
     case 'w': workers = atoi (optarg); break;
     case 'r': readonly = 1; break;
     case 'e': export_name = optarg; break;
+    case 'm': max_inflight = atol (optarg); break;
     default: usage ();
     }
   }
-  if (optind != argc || workers < 1 || disk.latency_ms < 0)
+  if (optind != argc || workers < 1 || disk.latency_ms < 0 || max_inflight < 0)
     usage ();
   if (!unix_path && !tcp)
     tcp = "127.0.0.1:10809";
@@ -287,6 +292,8 @@ main (int argc, char *argv[])
   nbdkit_server_set_readonly (srv, readonly);
   nbdkit_server_set_export_name (srv, export_name);
   nbdkit_server_set_export_description (srv, "in-memory disk (libnbdkit-async example)");
+  if (max_inflight > 0)
+    nbdkit_server_set_max_inflight (srv, (uint32_t) max_inflight);
 
   if (unix_path) {
     if (nbdkit_server_listen_unix (srv, unix_path) < 0)
