@@ -295,6 +295,11 @@ main (int argc, char *argv[])
   if (max_inflight > 0)
     nbdkit_server_set_max_inflight (srv, (uint32_t) max_inflight);
 
+  /* Before the URI is printed: whoever reads it may signal us at once. */
+  struct sigaction sa = { .sa_handler = on_signal };
+  sigaction (SIGINT, &sa, NULL);
+  sigaction (SIGTERM, &sa, NULL);
+
   if (unix_path) {
     if (nbdkit_server_listen_unix (srv, unix_path) < 0)
       return EXIT_FAILURE;
@@ -321,10 +326,6 @@ main (int argc, char *argv[])
   pthread_t threads[workers];
   for (int i = 0; i < workers; i++)
     pthread_create (&threads[i], NULL, worker, NULL);
-
-  struct sigaction sa = { .sa_handler = on_signal };
-  sigaction (SIGINT, &sa, NULL);
-  sigaction (SIGTERM, &sa, NULL);
 
   /* Returns once shutdown was asked and every op in flight is answered. */
   int r = nbdkit_main_loop (srv);
