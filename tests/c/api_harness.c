@@ -1,0 +1,953 @@
+/* api_harness: a test plugin + server that drives the libnbdkit-async C API
+ * directly, for tests/test_c_api.py.
+ *
+ *   api_harness --mode MODE --unix PATH [--size N[K|M|G]] [--workers N]
+ *               [--hold-ms N] [--shutdown-after N] [--max-inflight N]
+ *
+ * The export is an in-memory disk (default 64 MiB) that starts out holding
+ * byte (offset % 251) at every offset. How ops are answered depends on MODE:
+ *
+ *   thread           every op is answered by a worker thread, never inside
+ *                    the callback; the last MiB of the disk is "bad": reads
+ *                    fail with ENOMEM, writes with errno 0 (-> EIO), both
+ *                    through nbdkit_reply_error.
+ *   inline           every op is answered inside its callback (same bad MiB).
+ *   after-disconnect every op is held for --hold-ms (default 1000) and then
+ *                    answered by a worker thread, normally after the client
+ *                    has gone away.
+ *   shutdown         every op is held; on the --shutdown-after'th op
+ *                    (default 8), on SIGUSR1, SIGTERM or SIGINT a controller
+ *                    thread calls nbdkit_server_shutdown, waits 300 ms and
+ *                    then releases every held op to the workers.
+ *   double-reply     every op is answered twice (variants: worker+worker,
+ *                    inline+worker, inline+inline); the second answer is an
+ *                    error or a success that the client must never see. At
+ *                    exit the last op is answered again after main_loop
+ *                    returned (must give -ESHUTDOWN) and after
+ *                    nbdkit_server_free (-ESTALE), and NULL is answered.
+ *   fail-immediately callbacks return -1: pread with errno 0 (-> EIO) below
+ *                    1 MiB and succeeds inline above it, pwrite ENOSPC,
+ *                    flush EPERM, trim EINVAL, zero ENOMEM, cache EROFS (-> EPERM).
+ *   out-of-order     reads at offset >= 32 MiB are answered after 2 s by a
+ *                    worker, everything else at once by a worker.
+ *
+ * Reads are answered alternately by filling the library's buffer and
+ * calling nbdkit_reply, and with nbdkit_reply_read from a private copy.
+ *
+ * stdout (line-buffered): "ready" once listening, "op KIND OFFSET COUNT"
+ * for every I/O callback, "reply-rc ..." for every reply call that did not
+ * return 0, "main_loop returned N" at the end. Self-check failures go to
+ * stderr prefixed "HARNESS-ERROR"; the exit status is 0 only when
+ * nbdkit_main_loop returned 0 and no self-check failed.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <nbdkit-async.h>
+
+#define MIB (UINT64_C (1) << 20)
+#define HANDLE_MAGIC UINT32_C (0x6e62646b)
+
+enum mode {
+  MODE_THREAD, MODE_INLINE, MODE_AFTER_DISCONNECT, MODE_SHUTDOWN,
+  MODE_DOUBLE_REPLY, MODE_FAIL_IMMEDIATELY, MODE_OUT_OF_ORDER,
+};
+
+static const char *const mode_names[] = {
+  "thread", "inline", "after-disconnect", "shutdown",
+  "double-reply", "fail-immediately", "out-of-order",
+};
+
+enum kind { K_READ, K_WRITE, K_FLUSH, K_TRIM, K_ZERO, K_CACHE };
+
+static const char *const kind_names[] = {
+  "pread", "pwrite", "flush", "trim", "zero", "cache",
+};
+
+/* How a job answers its op. */
+enum answer {
+  A_PERFORM,          /* do the I/O, reply once */
+  A_PERFORM_TWICE,    /* do the I/O, reply, then reply again */
+  A_SECOND_ONLY,      /* the op was already answered: reply again */
+};
+
+struct job {
+  struct job *next;
+  nbdkit_op *op;
+  enum kind kind;
+  enum answer answer;
+  void *buf;                  /* pread: library's buffer; pwrite: payload */
+  uint32_t count;
+  uint64_t offset;
+  uint32_t flags;
+  bool use_reply_read;
+  struct timespec due;
+};
+
+/* A per-connection plugin handle, checked on every callback. */
+struct handle {
+  uint32_t magic;
+  unsigned id;
+  int readonly;
+};
+
+static enum mode mode = MODE_THREAD;
+static nbdkit_server *server;
+static pthread_t loop_thread;
+
+static unsigned char *disk;
+static uint64_t disk_size = 64 * MIB;
+static pthread_mutex_t disk_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static pthread_mutex_t queue_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t queue_cond;
+static struct job *queue;       /* runnable, sorted by due time */
+static struct job *held;        /* shutdown mode: waiting for release */
+static bool released;           /* shutdown mode: held ops were let go */
+static bool stopping;
+
+static long hold_ms = 1000;
+static unsigned long shutdown_after = 8;
+static unsigned long ops_seen;  /* loop thread only */
+static unsigned long reads_seen;        /* loop thread only */
+static nbdkit_op *last_op;      /* loop thread only: for late replies */
+
+static sem_t control_sem;
+static atomic_bool control_quit;
+static atomic_int harness_errors;
+static atomic_int open_handles;
+static atomic_uint next_handle_id;
+
+static void
+harness_error (const char *fmt, ...)
+{
+  va_list ap;
+  char msg[512];
+
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  fprintf (stderr, "HARNESS-ERROR: %s\n", msg);
+  atomic_fetch_add (&harness_errors, 1);
+}
+
+static void
+say (const char *fmt, ...)
+{
+  va_list ap;
+
+  va_start (ap, fmt);
+  flockfile (stdout);
+  vprintf (fmt, ap);
+  putchar ('\n');
+  fflush (stdout);
+  funlockfile (stdout);
+  va_end (ap);
+}
+
+static struct timespec
+after_ms (long ms)
+{
+  struct timespec t;
+
+  clock_gettime (CLOCK_MONOTONIC, &t);
+  t.tv_sec += ms / 1000;
+  t.tv_nsec += (ms % 1000) * 1000000L;
+  if (t.tv_nsec >= 1000000000L) {
+    t.tv_sec++;
+    t.tv_nsec -= 1000000000L;
+  }
+  return t;
+}
+
+static int
+ts_cmp (const struct timespec *a, const struct timespec *b)
+{
+  if (a->tv_sec != b->tv_sec)
+    return a->tv_sec < b->tv_sec ? -1 : 1;
+  if (a->tv_nsec != b->tv_nsec)
+    return a->tv_nsec < b->tv_nsec ? -1 : 1;
+  return 0;
+}
+
+static void
+sleep_ms (long ms)
+{
+  struct timespec t = { ms / 1000, (ms % 1000) * 1000000L };
+
+  while (nanosleep (&t, &t) == -1 && errno == EINTR)
+    ;
+}
+
+/* Queue lock held. */
+static void
+enqueue_locked (struct job *j)
+{
+  struct job **p = &queue;
+
+  while (*p && ts_cmp (&(*p)->due, &j->due) <= 0)
+    p = &(*p)->next;
+  j->next = *p;
+  *p = j;
+  pthread_cond_broadcast (&queue_cond);
+}
+
+static struct job *
+new_job (nbdkit_op *op, enum kind kind, enum answer answer, void *buf,
+         uint32_t count, uint64_t offset, uint32_t flags, bool use_reply_read)
+{
+  struct job *j = calloc (1, sizeof *j);
+
+  if (j == NULL) {
+    perror ("calloc");
+    abort ();
+  }
+  j->op = op;
+  j->kind = kind;
+  j->answer = answer;
+  j->buf = buf;
+  j->count = count;
+  j->offset = offset;
+  j->flags = flags;
+  j->use_reply_read = use_reply_read;
+  return j;
+}
+
+static void
+submit (struct job *j, long delay_ms)
+{
+  j->due = after_ms (delay_ms);
+  pthread_mutex_lock (&queue_lock);
+  enqueue_locked (j);
+  pthread_mutex_unlock (&queue_lock);
+}
+
+static void
+check_rc (const char *what, const struct job *j, int rc, bool second)
+{
+  if (rc == 0)
+    return;
+  say ("reply-rc %s %s %d%s", what, kind_names[j->kind], rc,
+       second ? " second" : "");
+  /* A first reply may only fail once the loop has gone, which the loop
+   * must not allow while it still owns the op. */
+  if (!second)
+    harness_error ("first %s to %s at %llu returned %d", what,
+                   kind_names[j->kind], (unsigned long long) j->offset, rc);
+}
+
+static bool
+in_bad_region (const struct job *j)
+{
+  return (mode == MODE_THREAD || mode == MODE_INLINE) &&
+    j->offset + j->count > disk_size - MIB;
+}
+
+/* Performs the I/O of a job and answers its op once. */
+static void
+perform (const struct job *j)
+{
+  int rc;
+
+  if (j->offset > disk_size || j->count > disk_size - j->offset) {
+    harness_error ("%s out of range: offset %llu count %u",
+                   kind_names[j->kind], (unsigned long long) j->offset,
+                   j->count);
+    check_rc ("nbdkit_reply_error", j, nbdkit_reply_error (j->op, EIO), false);
+    return;
+  }
+
+  if (in_bad_region (j) &&
+      (j->kind == K_READ || j->kind == K_WRITE || j->kind == K_ZERO)) {
+    int err = j->kind == K_READ ? ENOMEM : 0;
+    check_rc ("nbdkit_reply_error", j, nbdkit_reply_error (j->op, err), false);
+    return;
+  }
+
+  switch (j->kind) {
+  case K_READ:
+    if (j->use_reply_read) {
+      void *copy = malloc (j->count ? j->count : 1);
+      if (copy == NULL) {
+        perror ("malloc");
+        abort ();
+      }
+      pthread_mutex_lock (&disk_lock);
+      memcpy (copy, disk + j->offset, j->count);
+      pthread_mutex_unlock (&disk_lock);
+      rc = nbdkit_reply_read (j->op, copy, j->count);
+      free (copy);
+      check_rc ("nbdkit_reply_read", j, rc, false);
+      return;
+    }
+    pthread_mutex_lock (&disk_lock);
+    memcpy (j->buf, disk + j->offset, j->count);
+    pthread_mutex_unlock (&disk_lock);
+    break;
+  case K_WRITE:
+    pthread_mutex_lock (&disk_lock);
+    memcpy (disk + j->offset, j->buf, j->count);
+    pthread_mutex_unlock (&disk_lock);
+    break;
+  case K_TRIM:
+  case K_ZERO:
+    pthread_mutex_lock (&disk_lock);
+    memset (disk + j->offset, 0, j->count);
+    pthread_mutex_unlock (&disk_lock);
+    break;
+  case K_FLUSH:
+  case K_CACHE:
+    break;
+  }
+  check_rc ("nbdkit_reply", j, nbdkit_reply (j->op), false);
+}
+
+/* A second answer to an op that was already answered. Never touches the
+ * op's buffers: they are no longer ours. */
+static void
+answer_again (const struct job *j, unsigned variant)
+{
+  static const unsigned char junk[16] = "second reply!!!";
+  int rc;
+
+  switch (variant % 3) {
+  case 0:
+    rc = nbdkit_reply_error (j->op, EIO);
+    check_rc ("nbdkit_reply_error", j, rc, true);
+    break;
+  case 1:
+    rc = nbdkit_reply (j->op);
+    check_rc ("nbdkit_reply", j, rc, true);
+    break;
+  default:
+    rc = nbdkit_reply_read (j->op, junk, sizeof junk);
+    check_rc ("nbdkit_reply_read", j, rc, true);
+    break;
+  }
+}
+
+static void
+run_job (struct job *j)
+{
+  static atomic_uint variant;
+
+  switch (j->answer) {
+  case A_PERFORM:
+    perform (j);
+    break;
+  case A_PERFORM_TWICE:
+    perform (j);
+    answer_again (j, atomic_fetch_add (&variant, 1));
+    break;
+  case A_SECOND_ONLY:
+    answer_again (j, atomic_fetch_add (&variant, 1));
+    break;
+  }
+  free (j);
+}
+
+static void *
+worker (void *arg)
+{
+  (void) arg;
+  pthread_mutex_lock (&queue_lock);
+  for (;;) {
+    struct timespec now;
+
+    if (stopping)
+      break;
+    clock_gettime (CLOCK_MONOTONIC, &now);
+    if (queue && ts_cmp (&queue->due, &now) <= 0) {
+      struct job *j = queue;
+      queue = j->next;
+      pthread_mutex_unlock (&queue_lock);
+      run_job (j);
+      pthread_mutex_lock (&queue_lock);
+    }
+    else if (queue)
+      pthread_cond_timedwait (&queue_cond, &queue_lock, &queue->due);
+    else
+      pthread_cond_wait (&queue_cond, &queue_lock);
+  }
+  pthread_mutex_unlock (&queue_lock);
+  return NULL;
+}
+
+/* shutdown mode: waits for the trigger, shuts the server down from this
+ * (non-loop) thread, then lets the held ops go after a short delay. */
+static void *
+controller (void *arg)
+{
+  (void) arg;
+  for (;;) {
+    struct job *j, *next;
+    int r;
+
+    while ((r = sem_wait (&control_sem)) == -1 && errno == EINTR)
+      ;
+    if (r == -1 || atomic_load (&control_quit))
+      break;
+    if (nbdkit_server_shutdown (server) != 0)
+      harness_error ("nbdkit_server_shutdown failed");
+    say ("shutdown requested");
+    sleep_ms (300);
+    pthread_mutex_lock (&queue_lock);
+    released = true;
+    for (j = held; j != NULL; j = next) {
+      next = j->next;
+      j->due = after_ms (0);
+      enqueue_locked (j);
+    }
+    held = NULL;
+    pthread_mutex_unlock (&queue_lock);
+    say ("held ops released");
+  }
+  return NULL;
+}
+
+static void
+check_thread (const char *what)
+{
+  if (!pthread_equal (pthread_self (), loop_thread))
+    harness_error ("%s called off the event-loop thread", what);
+}
+
+static struct handle *
+check_handle (void *h, const char *what)
+{
+  struct handle *hd = h;
+
+  check_thread (what);
+  if (hd == NULL || hd->magic != HANDLE_MAGIC) {
+    harness_error ("%s got a bad handle %p", what, h);
+    return NULL;
+  }
+  return hd;
+}
+
+/* The common path of every I/O callback. */
+static int
+dispatch (nbdkit_op *op, void *h, enum kind kind, void *buf, uint32_t count,
+          uint64_t offset, uint32_t flags)
+{
+  bool use_reply_read = false;
+  unsigned long n;
+  struct job *j;
+
+  if (check_handle (h, kind_names[kind]) == NULL) {
+    errno = EIO;
+    return -1;
+  }
+  if (op == NULL) {
+    harness_error ("%s got a NULL op", kind_names[kind]);
+    errno = EIO;
+    return -1;
+  }
+  n = ++ops_seen;
+  last_op = op;
+  if (kind == K_READ)
+    use_reply_read = (reads_seen++ % 2) == 1;
+  say ("op %s %llu %u", kind_names[kind], (unsigned long long) offset, count);
+
+  switch (mode) {
+  case MODE_THREAD:
+    submit (new_job (op, kind, A_PERFORM, buf, count, offset, flags,
+                     use_reply_read), 0);
+    return 0;
+
+  case MODE_INLINE: {
+    struct job jb = {
+      .op = op, .kind = kind, .answer = A_PERFORM, .buf = buf,
+      .count = count, .offset = offset, .flags = flags,
+      .use_reply_read = use_reply_read,
+    };
+    perform (&jb);
+    return 0;
+  }
+
+  case MODE_AFTER_DISCONNECT:
+    submit (new_job (op, kind, A_PERFORM, buf, count, offset, flags,
+                     use_reply_read), hold_ms);
+    return 0;
+
+  case MODE_SHUTDOWN:
+    j = new_job (op, kind, A_PERFORM, buf, count, offset, flags,
+                 use_reply_read);
+    j->due = after_ms (0);
+    pthread_mutex_lock (&queue_lock);
+    if (released)
+      enqueue_locked (j);
+    else {
+      j->next = held;
+      held = j;
+    }
+    pthread_mutex_unlock (&queue_lock);
+    if (n == shutdown_after)
+      sem_post (&control_sem);
+    return 0;
+
+  case MODE_DOUBLE_REPLY:
+    switch (n % 3) {
+    case 0:                     /* both answers from a worker */
+      submit (new_job (op, kind, A_PERFORM_TWICE, buf, count, offset, flags,
+                       use_reply_read), 0);
+      break;
+    case 1: {                   /* first inline, second from a worker */
+      struct job jb = {
+        .op = op, .kind = kind, .answer = A_PERFORM, .buf = buf,
+        .count = count, .offset = offset, .flags = flags,
+        .use_reply_read = use_reply_read,
+      };
+      perform (&jb);
+      submit (new_job (op, kind, A_SECOND_ONLY, NULL, count, offset, flags,
+                       false), 5);
+      break;
+    }
+    default: {                  /* both inline */
+      struct job jb = {
+        .op = op, .kind = kind, .answer = A_PERFORM_TWICE, .buf = buf,
+        .count = count, .offset = offset, .flags = flags,
+        .use_reply_read = use_reply_read,
+      };
+      perform (&jb);
+      answer_again (&jb, (unsigned) n);
+      break;
+    }
+    }
+    return 0;
+
+  case MODE_FAIL_IMMEDIATELY:
+    switch (kind) {
+    case K_READ:
+      if (offset >= MIB) {      /* the connection still works */
+        struct job jb = {
+          .op = op, .kind = kind, .answer = A_PERFORM, .buf = buf,
+          .count = count, .offset = offset, .flags = flags,
+          .use_reply_read = use_reply_read,
+        };
+        perform (&jb);
+        return 0;
+      }
+      errno = 0;                /* the library must answer EIO */
+      return -1;
+    case K_WRITE: errno = ENOSPC; return -1;
+    case K_FLUSH: errno = EPERM; return -1;
+    case K_TRIM: errno = EINVAL; return -1;
+    case K_ZERO: errno = ENOMEM; return -1;
+    case K_CACHE: errno = EROFS; return -1;   /* -> EPERM */
+    }
+    return -1;
+
+  case MODE_OUT_OF_ORDER:
+    submit (new_job (op, kind, A_PERFORM, buf, count, offset, flags,
+                     use_reply_read),
+            kind == K_READ && offset >= 32 * MIB ? 2000 : 0);
+    return 0;
+  }
+  harness_error ("unknown mode");
+  errno = EIO;
+  return -1;
+}
+
+static void *
+h_open (void *user_data, int readonly, const char *export_name)
+{
+  struct handle *h;
+
+  check_thread ("open");
+  if (user_data != &disk)
+    harness_error ("open got user_data %p, not %p", user_data,
+                   (void *) &disk);
+  if (export_name == NULL)
+    harness_error ("open got a NULL export name");
+  h = malloc (sizeof *h);
+  if (h == NULL)
+    return NULL;
+  h->magic = HANDLE_MAGIC;
+  h->id = atomic_fetch_add (&next_handle_id, 1);
+  h->readonly = readonly;
+  atomic_fetch_add (&open_handles, 1);
+  say ("open %u readonly=%d export=\"%s\"", h->id, readonly,
+       export_name ? export_name : "(null)");
+  return h;
+}
+
+static void
+h_close (void *hv)
+{
+  struct handle *h = check_handle (hv, "close");
+
+  if (h == NULL)
+    return;
+  say ("close %u", h->id);
+  h->magic = 0;
+  free (h);
+  atomic_fetch_sub (&open_handles, 1);
+}
+
+static int64_t
+h_get_size (void *h)
+{
+  if (check_handle (h, "get_size") == NULL)
+    return -1;
+  return (int64_t) disk_size;
+}
+
+static int
+h_can_multi_conn (void *h)
+{
+  return check_handle (h, "can_multi_conn") ? 1 : -1;
+}
+
+static int
+h_pread (nbdkit_op *op, void *h, void *buf, uint32_t count, uint64_t offset,
+         uint32_t flags)
+{
+  if (buf == NULL && count > 0) {
+    harness_error ("pread got a NULL buffer");
+    errno = EIO;
+    return -1;
+  }
+  return dispatch (op, h, K_READ, buf, count, offset, flags);
+}
+
+static int
+h_pwrite (nbdkit_op *op, void *h, const void *buf, uint32_t count,
+          uint64_t offset, uint32_t flags)
+{
+  if (buf == NULL && count > 0) {
+    harness_error ("pwrite got a NULL buffer");
+    errno = EIO;
+    return -1;
+  }
+  /* The payload is read-only to us; the job only reads from it. */
+  return dispatch (op, h, K_WRITE, (void *) (uintptr_t) buf, count, offset,
+                   flags);
+}
+
+static int
+h_flush (nbdkit_op *op, void *h, uint32_t flags)
+{
+  return dispatch (op, h, K_FLUSH, NULL, 0, 0, flags);
+}
+
+static int
+h_trim (nbdkit_op *op, void *h, uint32_t count, uint64_t offset,
+        uint32_t flags)
+{
+  return dispatch (op, h, K_TRIM, NULL, count, offset, flags);
+}
+
+static int
+h_zero (nbdkit_op *op, void *h, uint32_t count, uint64_t offset,
+        uint32_t flags)
+{
+  return dispatch (op, h, K_ZERO, NULL, count, offset, flags);
+}
+
+static int
+h_cache (nbdkit_op *op, void *h, uint32_t count, uint64_t offset,
+         uint32_t flags)
+{
+  return dispatch (op, h, K_CACHE, NULL, count, offset, flags);
+}
+
+static void
+on_stop_signal (int sig)
+{
+  int saved = errno;
+
+  (void) sig;
+  nbdkit_shutdown ();
+  if (mode == MODE_SHUTDOWN)
+    sem_post (&control_sem);
+  errno = saved;
+}
+
+static void
+on_usr1 (int sig)
+{
+  int saved = errno;
+
+  (void) sig;
+  sem_post (&control_sem);
+  errno = saved;
+}
+
+static uint64_t
+parse_size (const char *s)
+{
+  char *end;
+  unsigned long long n;
+
+  errno = 0;
+  n = strtoull (s, &end, 10);
+  if (errno || end == s)
+    goto bad;
+  switch (*end) {
+  case 'K': case 'k': n <<= 10; end++; break;
+  case 'M': case 'm': n <<= 20; end++; break;
+  case 'G': case 'g': n <<= 30; end++; break;
+  default: break;
+  }
+  if (*end != '\0' || n == 0)
+    goto bad;
+  return n;
+ bad:
+  fprintf (stderr, "api_harness: bad size: %s\n", s);
+  exit (2);
+}
+
+static long
+parse_long (const char *s)
+{
+  char *end;
+  long n;
+
+  errno = 0;
+  n = strtol (s, &end, 10);
+  if (errno || end == s || *end != '\0' || n < 0) {
+    fprintf (stderr, "api_harness: bad number: %s\n", s);
+    exit (2);
+  }
+  return n;
+}
+
+static void
+usage (void)
+{
+  fprintf (stderr,
+           "usage: api_harness --mode MODE --unix PATH [--size N[K|M|G]]\n"
+           "                   [--workers N] [--hold-ms N]\n"
+           "                   [--shutdown-after N] [--max-inflight N]\n");
+  exit (2);
+}
+
+int
+main (int argc, char *argv[])
+{
+  static const struct nbdkit_plugin_lowlevel plugin = {
+    .name = "api_harness",
+    .open = h_open,
+    .close = h_close,
+    .get_size = h_get_size,
+    .can_multi_conn = h_can_multi_conn,
+    .pread = h_pread,
+    .pwrite = h_pwrite,
+    .flush = h_flush,
+    .trim = h_trim,
+    .zero = h_zero,
+    .cache = h_cache,
+  };
+  const char *sock = NULL;
+  long workers = 2;
+  long max_inflight = 0;
+  pthread_t threads[8];
+  pthread_t control_thread;
+  pthread_condattr_t cattr;
+  struct sigaction sa;
+  struct job *j, *next;
+  unsigned long unreplied = 0;
+  uint64_t i;
+  int r, k;
+  int status = 0;
+
+  for (k = 1; k < argc; k++) {
+    const char *opt = argv[k];
+    const char *val = k + 1 < argc ? argv[k + 1] : NULL;
+
+    if (val == NULL)
+      usage ();
+    k++;
+    if (strcmp (opt, "--mode") == 0) {
+      size_t m;
+      for (m = 0; m < sizeof mode_names / sizeof mode_names[0]; m++)
+        if (strcmp (val, mode_names[m]) == 0)
+          break;
+      if (m == sizeof mode_names / sizeof mode_names[0]) {
+        fprintf (stderr, "api_harness: unknown mode: %s\n", val);
+        exit (2);
+      }
+      mode = (enum mode) m;
+    }
+    else if (strcmp (opt, "--unix") == 0)
+      sock = val;
+    else if (strcmp (opt, "--size") == 0)
+      disk_size = parse_size (val);
+    else if (strcmp (opt, "--workers") == 0)
+      workers = parse_long (val);
+    else if (strcmp (opt, "--hold-ms") == 0)
+      hold_ms = parse_long (val);
+    else if (strcmp (opt, "--shutdown-after") == 0)
+      shutdown_after = (unsigned long) parse_long (val);
+    else if (strcmp (opt, "--max-inflight") == 0)
+      max_inflight = parse_long (val);
+    else
+      usage ();
+  }
+  if (sock == NULL || workers < 1 || workers > 8)
+    usage ();
+  if (disk_size <= 2 * MIB && (mode == MODE_THREAD || mode == MODE_INLINE)) {
+    fprintf (stderr, "api_harness: --size must exceed 2M in this mode\n");
+    exit (2);
+  }
+
+  disk = malloc (disk_size);
+  if (disk == NULL) {
+    perror ("malloc");
+    exit (1);
+  }
+  for (i = 0; i < disk_size; i++)
+    disk[i] = (unsigned char) (i % 251);
+
+  pthread_condattr_init (&cattr);
+  pthread_condattr_setclock (&cattr, CLOCK_MONOTONIC);
+  pthread_cond_init (&queue_cond, &cattr);
+  pthread_condattr_destroy (&cattr);
+  if (sem_init (&control_sem, 0, 0) == -1) {
+    perror ("sem_init");
+    exit (1);
+  }
+
+  memset (&sa, 0, sizeof sa);
+  sigemptyset (&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sa.sa_handler = on_stop_signal;
+  sigaction (SIGTERM, &sa, NULL);
+  sigaction (SIGINT, &sa, NULL);
+  sa.sa_handler = on_usr1;
+  sigaction (SIGUSR1, &sa, NULL);
+  signal (SIGPIPE, SIG_IGN);
+
+  loop_thread = pthread_self ();
+  server = nbdkit_server_new (&plugin, sizeof plugin, &disk);
+  if (server == NULL) {
+    fprintf (stderr, "api_harness: nbdkit_server_new failed\n");
+    exit (1);
+  }
+  if (max_inflight > 0 &&
+      (r = nbdkit_server_set_max_inflight (server, (uint32_t) max_inflight))
+      != 0) {
+    fprintf (stderr, "api_harness: set_max_inflight: %s\n", strerror (-r));
+    exit (1);
+  }
+  r = nbdkit_server_listen_unix (server, sock);
+  if (r != 0) {
+    fprintf (stderr, "api_harness: listen on %s: %s\n", sock, strerror (-r));
+    nbdkit_server_free (server);
+    exit (1);
+  }
+
+  for (k = 0; k < workers; k++)
+    if ((r = pthread_create (&threads[k], NULL, worker, NULL)) != 0) {
+      fprintf (stderr, "pthread_create: %s\n", strerror (r));
+      exit (1);
+    }
+  if ((r = pthread_create (&control_thread, NULL, controller, NULL)) != 0) {
+    fprintf (stderr, "pthread_create: %s\n", strerror (r));
+    exit (1);
+  }
+
+  say ("ready");
+  r = nbdkit_main_loop (server);
+  say ("main_loop returned %d", r);
+  if (r != 0)
+    status = 1;
+
+  /* Every op was answered before the loop returned (that is the loop's
+   * contract); the only jobs left may be second answers of double-reply
+   * mode. Let those run, then stop the workers. */
+  pthread_mutex_lock (&queue_lock);
+  for (j = held; j != NULL; j = next) {
+    next = j->next;
+    unreplied++;
+    free (j);
+  }
+  held = NULL;
+  for (j = queue; j != NULL; j = j->next)
+    if (j->answer != A_SECOND_ONLY)
+      unreplied++;
+  pthread_mutex_unlock (&queue_lock);
+  if (unreplied > 0)
+    harness_error ("main_loop returned with %lu ops never answered",
+                   unreplied);
+  else {
+    /* Wait (bounded) for the queued second answers. */
+    for (k = 0; k < 200; k++) {
+      bool empty;
+      pthread_mutex_lock (&queue_lock);
+      empty = queue == NULL;
+      pthread_mutex_unlock (&queue_lock);
+      if (empty)
+        break;
+      sleep_ms (10);
+    }
+  }
+
+  pthread_mutex_lock (&queue_lock);
+  stopping = true;
+  pthread_cond_broadcast (&queue_cond);
+  pthread_mutex_unlock (&queue_lock);
+  for (k = 0; k < workers; k++)
+    pthread_join (threads[k], NULL);
+  atomic_store (&control_quit, true);
+  sem_post (&control_sem);
+  pthread_join (control_thread, NULL);
+
+  for (j = queue; j != NULL; j = next) {
+    next = j->next;
+    free (j);
+  }
+  queue = NULL;
+
+  if (atomic_load (&open_handles) != 0)
+    harness_error ("%d handles still open after main_loop returned",
+                   atomic_load (&open_handles));
+
+  /* double-reply mode: yet another answer to an op long answered, once
+   * the loop has ended (-ESHUTDOWN) and once the server is freed (-ESTALE);
+   * and a NULL op. None of them may crash. */
+  if (mode == MODE_DOUBLE_REPLY && last_op != NULL) {
+    r = nbdkit_reply (last_op);
+    say ("late reply after main_loop: %d", r);
+    if (r != -ESHUTDOWN)
+      harness_error ("reply after main_loop returned %d, not -ESHUTDOWN", r);
+  }
+  nbdkit_server_free (server);
+  server = NULL;
+  if (mode == MODE_DOUBLE_REPLY && last_op != NULL) {
+    static const char junk[8] = "late";
+    int r1 = nbdkit_reply (last_op);
+    int r2 = nbdkit_reply_read (last_op, junk, sizeof junk);
+    int r3 = nbdkit_reply_error (last_op, EIO);
+    say ("late replies after nbdkit_server_free: %d %d %d", r1, r2, r3);
+    if (r1 != -ESTALE || r2 != -ESTALE || r3 != -ESTALE)
+      harness_error ("replies after nbdkit_server_free returned %d %d %d, "
+                     "not -ESTALE", r1, r2, r3);
+    r = nbdkit_reply (NULL);
+    say ("reply to NULL: %d", r);
+    if (r >= 0)
+      harness_error ("nbdkit_reply (NULL) returned %d", r);
+  }
+  pthread_cond_destroy (&queue_cond);
+  sem_destroy (&control_sem);
+  free (disk);
+  disk = NULL;
+
+  if (atomic_load (&harness_errors) > 0)
+    status = 1;
+  say ("exit %d", status);
+  return status;
+}
