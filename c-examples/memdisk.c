@@ -8,7 +8,8 @@
  *
  *   build/memdisk [--unix PATH] [--tcp HOST:PORT] [--size N[K|M|G]]
  *                 [--latency-ms N] [--workers N] [--readonly] [--export NAME]
- *                 [--max-inflight N]
+ *                 [--max-inflight N] [--max-connections N]
+ *                 [--handshake-timeout-ms N] [--request-timeout-ms N]
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -237,7 +238,8 @@ usage (void)
            "usage: memdisk [--unix PATH] [--tcp HOST:PORT] [--size N[K|M|G]]\n"
            "               [--latency-ms N] [--workers N] [--readonly]"
            " [--export NAME]\n"
-           "               [--max-inflight N]\n");
+           "               [--max-inflight N] [--max-connections N]\n"
+           "               [--handshake-timeout-ms N] [--request-timeout-ms N]\n");
   exit (EXIT_FAILURE);
 }
 
@@ -246,7 +248,8 @@ main (int argc, char *argv[])
 {
   const char *unix_path = NULL, *tcp = NULL, *export_name = "";
   int workers = 2, readonly = 0;
-  long max_inflight = 0;
+  long max_inflight = 0, max_connections = 0;
+  long handshake_timeout_ms = -1, request_timeout_ms = 0;
   disk.size = 1ULL << 30;
 
   static const struct option opts[] = {
@@ -258,6 +261,9 @@ main (int argc, char *argv[])
     { "readonly", no_argument, NULL, 'r' },
     { "export", required_argument, NULL, 'e' },
     { "max-inflight", required_argument, NULL, 'm' },
+    { "max-connections", required_argument, NULL, 'c' },
+    { "handshake-timeout-ms", required_argument, NULL, 'H' },
+    { "request-timeout-ms", required_argument, NULL, 'R' },
     { NULL, 0, NULL, 0 },
   };
   int c;
@@ -271,6 +277,9 @@ main (int argc, char *argv[])
     case 'r': readonly = 1; break;
     case 'e': export_name = optarg; break;
     case 'm': max_inflight = atol (optarg); break;
+    case 'c': max_connections = atol (optarg); break;
+    case 'H': handshake_timeout_ms = atol (optarg); break;
+    case 'R': request_timeout_ms = atol (optarg); break;
     default: usage ();
     }
   }
@@ -294,6 +303,10 @@ main (int argc, char *argv[])
   nbdkit_server_set_export_description (srv, "in-memory disk (libnbdkit-async example)");
   if (max_inflight > 0)
     nbdkit_server_set_max_inflight (srv, (uint32_t) max_inflight);
+  nbdkit_server_set_max_connections (srv, (uint32_t) max_connections);
+  if (handshake_timeout_ms >= 0)
+    nbdkit_server_set_handshake_timeout_ms (srv, (uint32_t) handshake_timeout_ms);
+  nbdkit_server_set_request_timeout_ms (srv, (uint32_t) request_timeout_ms);
 
   /* Before the URI is printed: whoever reads it may signal us at once. */
   struct sigaction sa = { .sa_handler = on_signal };

@@ -187,6 +187,14 @@ typedef struct nbdkit_plugin_lowlevel {
    * Valid replies: `nbdkit_reply`, `nbdkit_reply_error`.
    */
   int (*cache)(struct nbdkit_op *op, void *handle, uint32_t count, uint64_t offset, uint32_t flags);
+  /**
+   * Tells the plugin that nobody wants `op` any more: its client
+   * disconnected, or the server is shutting down. Called at most once per
+   * op, on the event-loop thread, while the op is still unanswered. A
+   * gateway can abort the upstream request. The op must still be replied
+   * to exactly once (any reply will do; ECANCELED is customary). May be NULL.
+   */
+  void (*cancel)(struct nbdkit_op *op, void *handle);
 } nbdkit_plugin_lowlevel;
 
 #ifdef __cplusplus
@@ -315,6 +323,50 @@ int nbdkit_server_set_export_description(struct nbdkit_server *srv, const char *
  * only. Returns 0, or -EINVAL for 0.
  */
 int nbdkit_server_set_max_inflight(struct nbdkit_server *srv, uint32_t max_ops);
+
+/**
+ * Caps the connections served at once (0, the default, means no cap).
+ * Clients over the cap are accepted and closed at once. Set-up thread
+ * only. Returns 0 or a negative errno.
+ */
+int nbdkit_server_set_max_connections(struct nbdkit_server *srv, uint32_t max_connections);
+
+/**
+ * Caps the memory clients can make the server hold: request payloads,
+ * read buffers and unsent replies, per connection (default 256 MiB) and
+ * over all connections (default 1 GiB). A connection at its cap, or any
+ * connection holding memory while the total is at its cap, is not read
+ * until replies go out. One request may overshoot a cap by its own size
+ * (at most 32 MiB). 0 keeps a default. Set-up thread only.
+ * Returns 0 or a negative errno.
+ */
+int nbdkit_server_set_memory_limits(struct nbdkit_server *srv, size_t per_connection, size_t total);
+
+/**
+ * A client must finish the handshake within `ms` milliseconds or be
+ * disconnected (default 10000; 0 means no limit). Set-up thread only.
+ * Returns 0 or a negative errno.
+ */
+int nbdkit_server_set_handshake_timeout_ms(struct nbdkit_server *srv, uint32_t ms);
+
+/**
+ * When the plugin has not replied to an op within `ms` milliseconds, the
+ * client is answered with an error (EIO on the wire) and the plugin's
+ * late reply becomes a logged no-op. The op's buffer stays valid until
+ * that late reply. 0 (the default) means no timeout. Set-up thread only.
+ * Returns 0 or a negative errno.
+ */
+int nbdkit_server_set_request_timeout_ms(struct nbdkit_server *srv, uint32_t ms);
+
+/**
+ * How long shutdown waits for the plugin to answer ops in flight before
+ * answering their clients ESHUTDOWN and returning from
+ * `nbdkit_main_loop`. Negative (the default) waits for every reply.
+ * Ops still unanswered then are released by `nbdkit_server_free`, which
+ * must therefore come after the plugin has stopped touching them.
+ * Set-up thread only. Returns 0 or a negative errno.
+ */
+int nbdkit_server_set_shutdown_grace_ms(struct nbdkit_server *srv, int64_t ms);
 
 /**
  * Runs the server on the calling thread until `nbdkit_server_shutdown` or

@@ -155,6 +155,12 @@ pub struct OpTable<T> {
     generations: Vec<u32>,
 }
 
+impl<T> Default for OpTable<T> {
+    fn default() -> Self {
+        OpTable::new(0)
+    }
+}
+
 impl<T> OpTable<T> {
     pub fn new(server: usize) -> Self {
         OpTable { server, ops: Slab::new(), generations: Vec::new() }
@@ -162,6 +168,11 @@ impl<T> OpTable<T> {
 
     pub fn len(&self) -> usize {
         self.ops.len()
+    }
+
+    /// Every live op with its current token.
+    pub fn iter(&self) -> impl Iterator<Item = (Token, &T)> {
+        self.ops.iter().map(|(slot, (g, op))| (Token::new(self.server, slot, *g), op))
     }
 
     pub fn is_full(&self) -> bool {

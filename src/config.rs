@@ -1,9 +1,16 @@
 //! Server settings, fixed before the loop starts.
 
+use std::time::Duration;
+
 /// Default cap on ops in flight per connection.
 pub(crate) const DEFAULT_MAX_INFLIGHT: usize = 4096;
-/// Default cap on bytes held per connection (payloads, read buffers, unsent replies).
-pub(crate) const DEFAULT_MAX_INFLIGHT_BYTES: usize = 256 * 1024 * 1024;
+/// Default cap on bytes one connection may hold (payloads, read buffers,
+/// unsent replies) before its requests stop being read.
+pub(crate) const DEFAULT_MAX_CONNECTION_BYTES: usize = 256 * 1024 * 1024;
+/// Default cap on those bytes summed over every connection.
+pub(crate) const DEFAULT_MAX_TOTAL_BYTES: usize = 1024 * 1024 * 1024;
+/// A client gets this long to finish the handshake (as qemu-nbd).
+pub(crate) const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -11,7 +18,15 @@ pub struct Config {
     pub export_name: String,
     pub export_description: Option<String>,
     pub max_inflight: usize,
-    pub max_inflight_bytes: usize,
+    pub max_connection_bytes: usize,
+    pub max_total_bytes: usize,
+    /// 0 means no limit.
+    pub max_connections: usize,
+    pub handshake_timeout: Option<Duration>,
+    /// Answer the client with an error when the plugin takes longer.
+    pub request_timeout: Option<Duration>,
+    /// How long shutdown waits for the plugin before answering ESHUTDOWN.
+    pub shutdown_grace: Option<Duration>,
 }
 
 impl Default for Config {
@@ -21,7 +36,12 @@ impl Default for Config {
             export_name: String::new(),
             export_description: None,
             max_inflight: DEFAULT_MAX_INFLIGHT,
-            max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
+            max_connection_bytes: DEFAULT_MAX_CONNECTION_BYTES,
+            max_total_bytes: DEFAULT_MAX_TOTAL_BYTES,
+            max_connections: 0,
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+            request_timeout: None,
+            shutdown_grace: None,
         }
     }
 }

@@ -14,10 +14,11 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token as MioToken};
 use slab::Slab;
 
-use crate::completion::{self, Completion, Completions, OpTable};
+use crate::completion::{self, Completion, Completions, OpTable, Token};
 use crate::config::Config;
 use crate::conn::stream::{interrupted, would_block, Stream};
 use crate::conn::{Connection, Ctx, Next, Op};
+use crate::deadlines::Deadlines;
 use crate::plugin::Plugin;
 
 const WAKER: MioToken = MioToken(0);
@@ -27,6 +28,10 @@ const MAX_LISTENERS: usize = 64;
 const FIRST_CONN: usize = FIRST_LISTENER + MAX_LISTENERS;
 /// How long shutdown waits for clients to take their last replies.
 const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a stopping loop re-checks its limits.
+const STOPPING_TICK: Duration = Duration::from_millis(50);
+/// Pause before accepting again after EMFILE and the like.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 pub enum Listener {
     Tcp(TcpListener),
@@ -124,6 +129,7 @@ pub struct EventLoop {
     pub plugin: Plugin,
     pub config: Config,
     listeners: Vec<Listener>,
+    state: LoopState,
 }
 
 impl EventLoop {
@@ -141,7 +147,8 @@ impl EventLoop {
             stop: AtomicBool::new(false),
             epoch: SHUTDOWN_EPOCH.load(Ordering::SeqCst),
         });
-        Ok(EventLoop { poll, shared, plugin, config: Config::default(), listeners: Vec::new() })
+        let state = LoopState { ops: OpTable::new(id), next_serial: 1, ..LoopState::default() };
+        Ok(EventLoop { poll, shared, plugin, config: Config::default(), listeners: Vec::new(), state })
     }
 
     pub fn add_listener(&mut self, mut l: Listener) -> io::Result<()> {
@@ -156,32 +163,28 @@ impl EventLoop {
 
     /// Serves until shutdown, then drains in-flight ops and returns.
     pub fn run(&mut self) -> io::Result<()> {
-        let mut state = LoopState {
-            conns: Slab::new(),
-            ops: OpTable::new(self.shared.id),
-            next_serial: 1,
-            again: Vec::new(),
-            completed: Vec::new(),
-            stopping_since: None,
-        };
         let mut events = Events::with_capacity(1024);
+        let mut touched: Vec<usize> = Vec::new();
+        self.state.handshakes = self.config.handshake_timeout.map(Deadlines::new);
+        self.state.requests = self.config.request_timeout.map(Deadlines::new);
         log::info!("{}: serving", self.plugin.name);
         loop {
-            let timeout = if state.again.is_empty() { None } else { Some(Duration::ZERO) };
-            let timeout = if state.stopping_since.is_some() { Some(Duration::from_millis(100)) } else { timeout };
+            let timeout = self.poll_timeout(Instant::now());
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if interrupted(&e) => continue,
                 Err(e) => return Err(e),
             }
-            let mut touched: Vec<usize> = std::mem::take(&mut state.again);
+            let now = Instant::now();
+            touched.clear();
+            touched.append(&mut self.state.again);
             for event in events.iter() {
                 match event.token() {
                     WAKER | SHUTDOWN => {}
-                    MioToken(t) if t < FIRST_CONN => self.accept(t - FIRST_LISTENER, &mut state),
+                    MioToken(t) if t < FIRST_CONN => self.accept(t - FIRST_LISTENER, now),
                     MioToken(t) => {
                         let key = t - FIRST_CONN;
-                        if let Some(c) = state.conns.get_mut(key) {
+                        if let Some(c) = self.state.conns.get_mut(key) {
                             if event.is_readable() || event.is_read_closed() || event.is_error() {
                                 c.readable();
                             }
@@ -193,118 +196,255 @@ impl EventLoop {
                     }
                 }
             }
-            self.apply_completions(&mut state, &mut touched);
-            if state.stopping_since.is_none() && self.shared.stop_requested() {
-                self.begin_shutdown(&mut state);
-                touched.extend(state.conns.iter().map(|(k, _)| k));
+            if self.state.accept_retry.is_some_and(|at| at <= now) {
+                self.state.accept_retry = None;
+                for i in 0..self.listeners.len() {
+                    self.accept(i, now);
+                }
+            }
+            self.apply_completions(now, &mut touched);
+            self.expire(now, &mut touched);
+            if self.state.stopping_since.is_none() && self.shared.stop_requested() {
+                self.begin_shutdown(now);
+                touched.extend(self.state.conns.iter().map(|(k, _)| k));
+            }
+            if self.state.total_bytes < self.config.max_total_bytes {
+                // Memory was freed: connections starved by the global budget may read again.
+                touched.append(&mut self.state.starved);
             }
             touched.sort_unstable();
             touched.dedup();
-            for key in touched {
-                self.service(key, &mut state);
+            for &key in &touched {
+                self.service(key, now);
             }
-            if let Some(since) = state.stopping_since {
-                if state.ops.len() == 0 && (state.conns.is_empty() || since.elapsed() > SHUTDOWN_FLUSH_TIMEOUT) {
-                    for (_, c) in state.conns.iter_mut() {
-                        c.close(&self.plugin);
-                    }
-                    state.conns.clear();
-                    break;
-                }
+            if self.shutdown_complete(now) {
+                break;
             }
         }
         self.shared.completions.close();
+        self.release_idle();
         log::info!("{}: stopped", self.plugin.name);
         Ok(())
     }
 
-    fn accept(&mut self, index: usize, state: &mut LoopState) {
+    fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        let s = &self.state;
+        if !s.again.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let mut next = [s.handshakes.as_ref().and_then(|h| h.next()), s.requests.as_ref().and_then(|r| r.next()), s.accept_retry]
+            .into_iter()
+            .flatten()
+            .min();
+        if s.stopping_since.is_some() {
+            // Re-check grace and flush limits regularly while draining.
+            next = Some(next.map_or(now + STOPPING_TICK, |n| n.min(now + STOPPING_TICK)));
+        }
+        next.map(|at| at.saturating_duration_since(now))
+    }
+
+    /// Runs `f` on connection `key` with a context, keeping the global
+    /// memory meter in step with what the connection holds.
+    fn with_conn<R>(&mut self, key: usize, now: Instant, f: impl FnOnce(&mut Connection, &mut Ctx) -> R) -> Option<R> {
+        let s = &mut self.state;
+        let conn = s.conns.get_mut(key)?;
+        let before = conn.held_total();
+        let mut ctx = Ctx {
+            plugin: &self.plugin,
+            config: &self.config,
+            ops: &mut s.ops,
+            timeouts: s.requests.as_mut(),
+            now,
+            over_budget: s.total_bytes >= self.config.max_total_bytes,
+        };
+        let r = f(conn, &mut ctx);
+        s.total_bytes = s.total_bytes + conn.held_total() - before;
+        Some(r)
+    }
+
+    fn accept(&mut self, index: usize, now: Instant) {
         loop {
             let Some(listener) = self.listeners.get(index) else { return };
             let stream = match listener.accept() {
                 Ok(s) => s,
                 Err(e) if would_block(&e) => return,
-                Err(e) if interrupted(&e) => continue,
+                Err(e) if interrupted(&e) || e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
                 Err(e) => {
-                    // EMFILE and friends: log and keep serving the others.
-                    log::warn!("accept failed: {e}");
+                    // Out of descriptors or memory: the client waits in the
+                    // backlog; try again soon, as no new edge may come.
+                    log::warn!("accept failed: {e}; retrying shortly");
+                    self.state.accept_retry = Some(now + ACCEPT_RETRY);
                     return;
                 }
             };
-            let key = state.conns.vacant_key();
-            let serial = state.next_serial;
-            state.next_serial += 1;
+            let s = &mut self.state;
+            if self.config.max_connections != 0 && s.conns.len() >= self.config.max_connections {
+                log::warn!("refusing a client: {} connections is the limit", self.config.max_connections);
+                continue;
+            }
+            let key = s.conns.vacant_key();
+            let serial = s.next_serial;
+            s.next_serial += 1;
             let mut conn = Connection::new(key, serial, stream);
             let stream = conn.stream_mut().expect("new connection");
             if let Err(e) = self.poll.registry().register(stream, MioToken(FIRST_CONN + key), Interest::READABLE | Interest::WRITABLE) {
                 log::warn!("cannot register connection: {e}");
                 continue;
             }
-            state.conns.insert(conn);
-            state.again.push(key);
+            s.total_bytes += conn.held_total();
+            s.conns.insert(conn);
+            if let Some(h) = s.handshakes.as_mut() {
+                h.arm(now, (key, serial));
+            }
+            s.again.push(key);
         }
     }
 
-    fn apply_completions(&mut self, state: &mut LoopState, touched: &mut Vec<usize>) {
-        self.shared.completions.drain_into(&mut state.completed);
-        let mut completed = std::mem::take(&mut state.completed);
+    fn apply_completions(&mut self, now: Instant, touched: &mut Vec<usize>) {
+        let mut completed = std::mem::take(&mut self.state.completed);
+        self.shared.completions.drain_into(&mut completed);
         for Completion { token, outcome } in completed.drain(..) {
-            let Some(op) = state.ops.get(token) else {
+            let Some(op) = self.state.ops.get(token) else {
                 log::warn!("reply to an op that was already answered or never existed; ignored (double reply?)");
                 continue;
             };
-            let (key, serial) = (op.conn, op.conn_serial);
-            let conn = match state.conns.get_mut(key) {
-                Some(c) if c.serial == serial => c,
-                _ => {
-                    log::error!("op without its connection; dropping it");
-                    state.ops.remove(token);
-                    continue;
-                }
-            };
-            let mut ctx = Ctx { plugin: &self.plugin, config: &self.config, ops: &mut state.ops };
-            conn.complete(token, outcome, &mut ctx);
+            let key = op.conn;
+            self.with_conn(key, now, |c, ctx| c.complete(token, outcome, ctx));
             touched.push(key);
         }
-        state.completed = completed;
+        self.state.completed = completed;
     }
 
-    fn service(&mut self, key: usize, state: &mut LoopState) {
-        let Some(conn) = state.conns.get_mut(key) else { return };
-        let mut ctx = Ctx { plugin: &self.plugin, config: &self.config, ops: &mut state.ops };
-        let next = conn.service(&mut ctx);
-        conn.flush();
-        if next == Next::Again {
-            state.again.push(key);
+    /// Handshakes that took too long are dropped; requests the plugin sat
+    /// on too long are answered with an error.
+    fn expire(&mut self, now: Instant, touched: &mut Vec<usize>) {
+        while let Some((key, serial)) = self.state.handshakes.as_mut().and_then(|h| h.pop_expired(now)) {
+            match self.state.conns.get_mut(key) {
+                Some(c) if c.serial == serial && !c.in_transmission() => {
+                    c.break_off("handshake timed out");
+                    touched.push(key);
+                }
+                _ => {}
+            }
         }
-        if conn.finished() {
-            let mut conn = state.conns.remove(key);
-            if let Some(s) = conn.stream_mut() {
-                let _ = self.poll.registry().deregister(s);
+        while let Some(token) = self.state.requests.as_mut().and_then(|r| r.pop_expired(now)) {
+            let Some(op) = self.state.ops.get(token) else { continue };
+            let key = op.conn;
+            self.with_conn(key, now, |c, ctx| c.answer_early(token, libc::ETIMEDOUT, ctx));
+            touched.push(key);
+        }
+    }
+
+    fn service(&mut self, key: usize, now: Instant) {
+        let Some((next, finished)) = self.with_conn(key, now, |c, ctx| {
+            let next = c.service(ctx);
+            c.flush();
+            if c.client_gone() {
+                c.cancel_ops(ctx);
+            }
+            (next, c.finished())
+        }) else {
+            return;
+        };
+        let s = &mut self.state;
+        match next {
+            Next::Again => s.again.push(key),
+            Next::Starved => s.starved.push(key),
+            Next::Wait => {}
+        }
+        if finished {
+            let mut conn = s.conns.remove(key);
+            s.total_bytes -= conn.held_total();
+            if let Some(stream) = conn.stream_mut() {
+                let _ = self.poll.registry().deregister(stream);
             }
             conn.close(&self.plugin);
             log::debug!("connection {} finished", conn.serial);
         }
     }
 
-    fn begin_shutdown(&mut self, state: &mut LoopState) {
-        log::info!("{}: shutting down, {} ops in flight", self.plugin.name, state.ops.len());
-        state.stopping_since = Some(Instant::now());
+    fn begin_shutdown(&mut self, now: Instant) {
+        log::info!("{}: shutting down, {} ops in flight", self.plugin.name, self.state.ops.len());
+        self.state.stopping_since = Some(now);
         for mut l in self.listeners.drain(..) {
             let _ = self.poll.registry().deregister(l.source());
         }
-        for (_, c) in state.conns.iter_mut() {
-            c.stop_reading();
+        let keys: Vec<usize> = self.state.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.with_conn(key, now, |c, ctx| {
+                c.stop_reading();
+                c.cancel_ops(ctx);
+            });
+        }
+    }
+
+    /// While stopping: once every op is answered (by the plugin, or with
+    /// ESHUTDOWN after the grace period) and replies are out (or the flush
+    /// limit passed), the loop may end.
+    fn shutdown_complete(&mut self, now: Instant) -> bool {
+        let Some(since) = self.state.stopping_since else { return false };
+        if let Some(grace) = self.config.shutdown_grace {
+            if !self.state.grace_expired && now >= since + grace && self.state.ops.len() > 0 {
+                log::warn!("{}: {} ops unanswered after the grace period; answering ESHUTDOWN", self.plugin.name, self.state.ops.len());
+                self.state.grace_expired = true;
+                let keys: Vec<usize> = self.state.conns.iter().map(|(k, _)| k).collect();
+                for key in keys {
+                    self.with_conn(key, now, |c, ctx| {
+                        c.answer_all_early(libc::ESHUTDOWN, ctx);
+                        c.flush();
+                    });
+                }
+            }
+        }
+        let answered = self.state.ops.len() == 0 || self.state.grace_expired;
+        let flushed = self.state.conns.iter().all(|(_, c)| c.output_done());
+        answered && (flushed || now >= since + SHUTDOWN_FLUSH_TIMEOUT)
+    }
+
+    /// Closes every connection with nothing in flight. Connections whose
+    /// ops the plugin still holds keep their handle until the server is freed.
+    fn release_idle(&mut self) {
+        let s = &mut self.state;
+        let idle: Vec<usize> = s.conns.iter().filter(|(_, c)| c.inflight == 0).map(|(k, _)| k).collect();
+        for key in idle {
+            s.conns.remove(key).close(&self.plugin);
+        }
+        for (_, c) in s.conns.iter_mut() {
+            c.break_off("server stopped");
         }
     }
 }
 
+impl Drop for EventLoop {
+    fn drop(&mut self) {
+        // Ops the plugin never answered die with the server: their buffers
+        // are freed and their handles closed. The host must have stopped
+        // touching them (joined its workers) before freeing the server.
+        if self.state.ops.len() > 0 {
+            log::warn!("{}: freeing {} ops the plugin never answered", self.plugin.name, self.state.ops.len());
+        }
+        for (_, c) in self.state.conns.iter_mut() {
+            c.close(&self.plugin);
+        }
+    }
+}
+
+/// Loop state; it outlives `run` while the plugin still holds ops.
+#[derive(Default)]
 struct LoopState {
     conns: Slab<Connection>,
     ops: OpTable<Op>,
     next_serial: u64,
     /// Connections to service on the next turn without waiting for an event.
     again: Vec<usize>,
+    /// Connections paused by the global memory budget.
+    starved: Vec<usize>,
     completed: Vec<Completion>,
+    /// Bytes held by all connections: the global memory budget's meter.
+    total_bytes: usize,
+    handshakes: Option<Deadlines<(usize, u64)>>,
+    requests: Option<Deadlines<Token>>,
+    accept_retry: Option<Instant>,
     stopping_since: Option<Instant>,
+    grace_expired: bool,
 }

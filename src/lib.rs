@@ -7,6 +7,7 @@
 pub mod completion;
 pub mod config;
 pub mod conn;
+pub mod deadlines;
 pub mod event_loop;
 pub mod ffi;
 pub mod logging;

@@ -127,6 +127,14 @@ impl Plugin {
         })
     }
 
+    /// Tells the plugin an op is no longer wanted (it must still reply).
+    pub fn cancel(&self, token: Token, h: Handle) {
+        if let Some(cancel) = self.raw.cancel {
+            // SAFETY: plugin contract; the op is live and unanswered.
+            unsafe { cancel(token.0 as usize as *mut nbdkit_op, h.0) };
+        }
+    }
+
     /// Hands an op to the plugin. `buf` is the read buffer or write payload.
     /// `Err(errno)` means the plugin refused it at once and will not reply.
     pub fn start(&self, io: Io, token: Token, h: Handle, buf: &mut [u8], count: u32, offset: u64, flags: u32) -> Result<(), i32> {

@@ -8,9 +8,11 @@ mod output;
 pub mod stream;
 
 use std::io;
+use std::time::Instant;
 
 use crate::completion::{OpTable, Outcome, Token};
 use crate::config::Config;
+use crate::deadlines::Deadlines;
 use crate::ffi::plugin::{NBDKIT_FLAG_FUA, NBDKIT_FLAG_MAY_TRIM};
 use crate::plugin::{Handle, Io, Plugin};
 use crate::protocol::codec::{self, RequestHeader};
@@ -31,17 +33,28 @@ pub struct Op {
     pub conn_serial: u64,
     cookie: u64,
     cmd: u16,
+    /// The client's NBD_CMD_FLAG_* (they shape which errors it may see).
+    flags: u16,
     offset: u64,
     count: u32,
     /// Read buffer or write payload; owned here until the reply is sent.
     buf: Vec<u8>,
     /// A successful write must still be flushed before the reply (emulated FUA).
     flush_after: bool,
+    /// The client was already answered (timeout or shutdown); the plugin's
+    /// reply, when it comes, only releases the op.
+    pub answered: bool,
+    /// The plugin was told, through its `cancel` callback.
+    cancelled: bool,
 }
 
 impl Op {
     fn held_bytes(&self) -> usize {
         self.buf.len()
+    }
+
+    fn header(&self) -> RequestHeader {
+        RequestHeader { flags: self.flags, cmd: self.cmd, cookie: self.cookie, offset: self.offset, length: self.count }
     }
 }
 
@@ -50,6 +63,19 @@ pub struct Ctx<'a> {
     pub plugin: &'a Plugin,
     pub config: &'a Config,
     pub ops: &'a mut OpTable<Op>,
+    /// Per-request deadlines, when a request timeout is set.
+    pub timeouts: Option<&'a mut Deadlines<Token>>,
+    pub now: Instant,
+    /// All connections together hold more than the global budget.
+    pub over_budget: bool,
+}
+
+impl Ctx<'_> {
+    fn arm_timeout(&mut self, token: Token) {
+        if let Some(t) = self.timeouts.as_mut() {
+            t.arm(self.now, token);
+        }
+    }
 }
 
 enum Phase {
@@ -64,6 +90,8 @@ pub enum Next {
     Wait,
     /// There is more to read right now: service again without waiting.
     Again,
+    /// Paused by the global memory budget: service again once memory is freed.
+    Starved,
 }
 
 pub struct Connection {
@@ -89,6 +117,8 @@ pub struct Connection {
     read_blocked: bool,
     /// The last write hit EAGAIN: wait for a writable event.
     write_blocked: bool,
+    /// The plugin was told the client is gone (cancel callbacks sent).
+    cancel_sent: bool,
 }
 
 impl Connection {
@@ -116,6 +146,7 @@ impl Connection {
             reading_done: false,
             read_blocked: false,
             write_blocked: false,
+            cancel_sent: false,
         }
     }
 
@@ -139,14 +170,16 @@ impl Connection {
             log::debug!("connection {} ({}) closed: {why}", self.serial, self.peer);
         }
         self.reading_done = true;
+        self.output = Output::default(); // unsent replies have nowhere to go
     }
 
     /// Stops reading requests; what is in flight still gets its replies.
+    /// A client still negotiating gets NBD_REP_ERR_SHUTDOWN for its next option.
     pub fn stop_reading(&mut self) {
-        if !self.in_transmission() {
-            self.break_off("server shutting down");
+        match &mut self.phase {
+            Phase::Handshake(hs) => hs.shutting_down(),
+            Phase::Transmission(_) => self.reading_done = true,
         }
-        self.reading_done = true;
     }
 
     /// Releases the plugin handle. Called by the loop when `finished()`.
@@ -165,16 +198,44 @@ impl Connection {
         self.write_blocked = false;
     }
 
-    fn paused(&self, config: &Config) -> bool {
-        self.inflight >= config.max_inflight || self.held_bytes + self.output.bytes >= config.max_inflight_bytes
+    /// Bytes this connection holds: op buffers plus unsent replies.
+    pub fn held_total(&self) -> usize {
+        self.held_bytes + self.output.bytes
+    }
+
+    /// True when the client can no longer receive replies.
+    pub fn client_gone(&self) -> bool {
+        self.stream.is_none()
+    }
+
+    /// Every reply queued so far has been sent (or can never be).
+    pub fn output_done(&self) -> bool {
+        self.stream.is_none() || self.output.is_empty()
+    }
+
+    /// Whether to stop reading requests for now, and why.
+    fn paused(&self, ctx: &Ctx) -> Option<Next> {
+        let held = self.held_total();
+        if self.inflight >= ctx.config.max_inflight || held >= ctx.config.max_connection_bytes {
+            Some(Next::Wait) // replies going out will wake us
+        } else if (ctx.over_budget && held > 0) || ctx.ops.is_full() {
+            // Over the global budget, a connection that holds nothing may
+            // still read, so no client can be starved forever.
+            Some(Next::Starved)
+        } else {
+            None
+        }
     }
 
     /// Reads and handles as much input as the budget and back-pressure allow.
     pub fn service(&mut self, ctx: &mut Ctx) -> Next {
         let mut budget = READ_BUDGET;
         loop {
-            if self.reading_done || self.stream.is_none() || self.paused(ctx.config) {
+            if self.reading_done || self.stream.is_none() {
                 return Next::Wait;
+            }
+            if let Some(next) = self.paused(ctx) {
+                return next;
             }
             if self.in_start < self.in_end {
                 self.consume_input(ctx);
@@ -188,9 +249,9 @@ impl Connection {
             }
             match self.read_some(ctx) {
                 Ok(0) => {
-                    // EOF: treat like NBD_CMD_DISC, finishing what is in flight.
-                    log::debug!("connection {}: client closed its end", self.serial);
-                    self.reading_done = true;
+                    // A client that wanted its replies would have sent
+                    // NBD_CMD_DISC and waited; EOF means it is gone.
+                    self.break_off("client closed the connection");
                 }
                 Ok(n) => budget = budget.saturating_sub(n),
                 Err(e) if would_block(&e) => self.read_blocked = true,
@@ -305,52 +366,109 @@ impl Connection {
             conn_serial: self.serial,
             cookie: h.cookie,
             cmd: h.cmd,
+            flags: h.flags,
             offset: h.offset,
             count: h.length,
             buf,
             flush_after: fua && caps.fua == FuaMode::Emulate,
+            answered: false,
+            cancelled: false,
         };
         let held = op.held_bytes();
-        let Some(token) = ctx.ops.insert(op) else {
-            self.queue_error(&h, NBD_ENOMEM);
-            return;
-        };
+        let token = ctx.ops.insert(op).expect("paused() keeps the table from filling");
         self.inflight += 1;
         self.held_bytes += held;
         let handle = self.handle.expect("transmission implies a handle");
         let op = ctx.ops.get(token).expect("just inserted");
-        if let Err(errno) = ctx.plugin.start(io, token, handle, &mut op.buf, h.length, h.offset, flags) {
-            let op = ctx.ops.remove(token).expect("plugin refused it");
-            self.finish(op, Outcome::Error(errno), ctx);
+        match ctx.plugin.start(io, token, handle, &mut op.buf, h.length, h.offset, flags) {
+            Ok(()) => ctx.arm_timeout(token),
+            Err(errno) => {
+                let op = ctx.ops.remove(token).expect("plugin refused it");
+                self.finish(op, Outcome::Error(errno));
+            }
         }
     }
 
     /// Answers a finished op: emulated FUA first, then the reply.
     pub fn complete(&mut self, token: Token, outcome: Outcome, ctx: &mut Ctx) {
         let op = ctx.ops.get(token).expect("caller looked it up");
+        if op.answered {
+            log::warn!("{} cookie {:#x}: late reply after the client was answered; ignored", cmd_name(op.cmd), op.cookie);
+            let op = ctx.ops.remove(token).expect("live op");
+            self.release(&op);
+            return;
+        }
         if op.flush_after && outcome == Outcome::Done {
             op.flush_after = false;
             let new_token = ctx.ops.renew(token).expect("live op");
             let handle = self.handle.expect("ops imply a handle");
             log::trace!("emulating FUA with a flush");
-            if let Err(errno) = ctx.plugin.start(Io::Flush, new_token, handle, &mut [], 0, 0, 0) {
-                let op = ctx.ops.remove(new_token).expect("live op");
-                self.finish(op, Outcome::Error(errno), ctx);
+            match ctx.plugin.start(Io::Flush, new_token, handle, &mut [], 0, 0, 0) {
+                Ok(()) => ctx.arm_timeout(new_token),
+                Err(errno) => {
+                    let op = ctx.ops.remove(new_token).expect("live op");
+                    self.finish(op, Outcome::Error(errno));
+                }
             }
             return;
         }
         let op = ctx.ops.remove(token).expect("caller looked it up");
-        self.finish(op, outcome, ctx);
+        self.finish(op, outcome);
     }
 
-    fn finish(&mut self, op: Op, outcome: Outcome, ctx: &mut Ctx) {
-        let _ = ctx;
+    /// Answers the client now with `errno` while the plugin still holds the
+    /// op (request timeout, shutdown grace). The op stays in the table, its
+    /// buffer alive, until the plugin's own reply releases it.
+    pub fn answer_early(&mut self, token: Token, errno: i32, ctx: &mut Ctx) {
+        let Some(op) = ctx.ops.get(token) else { return };
+        if op.answered {
+            return;
+        }
+        op.answered = true;
+        log::warn!("{} cookie {:#x}: no reply from the plugin in time; answering {}", cmd_name(op.cmd), op.cookie, io::Error::from_raw_os_error(errno));
+        let header = op.header();
+        if self.stream.is_some() {
+            self.queue_error(&header, nbd_errno(errno, op.flags));
+        }
+    }
+
+    /// [`Self::answer_early`] for every op of this connection.
+    pub fn answer_all_early(&mut self, errno: i32, ctx: &mut Ctx) {
+        let mine: Vec<Token> = ctx.ops.iter().filter(|(_, op)| op.conn == self.key).map(|(t, _)| t).collect();
+        for token in mine {
+            self.answer_early(token, errno, ctx);
+        }
+    }
+
+    /// Tells the plugin, once, that this connection's ops are no longer
+    /// wanted (client gone or server stopping). They must still be replied.
+    pub fn cancel_ops(&mut self, ctx: &mut Ctx) {
+        if self.cancel_sent || self.inflight == 0 {
+            return;
+        }
+        self.cancel_sent = true;
+        let Some(handle) = self.handle else { return };
+        let mine: Vec<Token> =
+            ctx.ops.iter().filter(|(_, op)| op.conn == self.key && !op.cancelled).map(|(t, _)| t).collect();
+        log::debug!("connection {}: cancelling {} ops", self.serial, mine.len());
+        for token in mine {
+            ctx.ops.get(token).expect("live op").cancelled = true;
+            ctx.plugin.cancel(token, handle);
+        }
+    }
+
+    /// Forgets an op: it no longer counts against this connection.
+    fn release(&mut self, op: &Op) {
         self.inflight -= 1;
         self.held_bytes -= op.held_bytes();
+    }
+
+    fn finish(&mut self, op: Op, outcome: Outcome) {
+        self.release(&op);
         if self.stream.is_none() {
             return; // client gone: the reply has nowhere to go
         }
-        let header = RequestHeader { flags: 0, cmd: op.cmd, cookie: op.cookie, offset: op.offset, length: op.count };
+        let header = op.header();
         let result = match outcome {
             Outcome::Done => Ok(op.buf),
             Outcome::Data(data) if op.cmd == CMD_READ && data.len() == op.count as usize => Ok(data),
@@ -378,14 +496,15 @@ impl Connection {
             Ok(_) => self.output.push_reply(codec::simple_reply(op.cookie, 0), Vec::new()),
             Err(errno) => {
                 log::debug!("{} cookie {:#x} failed: {}", cmd_name(op.cmd), op.cookie, io::Error::from_raw_os_error(errno));
-                self.queue_error(&header, nbd_errno(errno));
+                self.queue_error(&header, nbd_errno(errno, op.flags));
             }
         }
     }
 
     fn queue_error(&mut self, h: &RequestHeader, nbd_error: u32) {
         let structured = self.caps.is_some_and(|c| c.structured_replies);
-        let reply = if structured && h.cmd == CMD_READ {
+        // READ and BLOCK_STATUS must be answered with structured replies once negotiated.
+        let reply = if structured && matches!(h.cmd, CMD_READ | CMD_BLOCK_STATUS) {
             codec::structured_error(h.cookie, nbd_error)
         } else {
             codec::simple_reply(h.cookie, nbd_error)

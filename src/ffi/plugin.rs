@@ -119,4 +119,11 @@ pub struct nbdkit_plugin_lowlevel {
     pub cache: Option<
         unsafe extern "C" fn(op: *mut nbdkit_op, handle: *mut c_void, count: u32, offset: u64, flags: u32) -> c_int,
     >,
+
+    /// Tells the plugin that nobody wants `op` any more: its client
+    /// disconnected, or the server is shutting down. Called at most once per
+    /// op, on the event-loop thread, while the op is still unanswered. A
+    /// gateway can abort the upstream request. The op must still be replied
+    /// to exactly once (any reply will do; ECANCELED is customary). May be NULL.
+    pub cancel: Option<unsafe extern "C" fn(op: *mut nbdkit_op, handle: *mut c_void)>,
 }

@@ -5,6 +5,7 @@ use std::net::ToSocketAddrs;
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -25,9 +26,15 @@ pub struct nbdkit_server {
 }
 
 struct Server {
-    /// The loop, until `nbdkit_main_loop` takes it.
-    setup: Mutex<Option<EventLoop>>,
+    phase: Mutex<Phase>,
     shared: Arc<Shared>,
+}
+
+enum Phase {
+    Setup(EventLoop),
+    Running,
+    /// Kept until `nbdkit_server_free`: ops the plugin still holds live here.
+    Finished(#[allow(dead_code)] EventLoop),
 }
 
 fn server<'a>(p: *const nbdkit_server) -> Option<&'a Server> {
@@ -51,10 +58,10 @@ fn with_setup(srv: *mut nbdkit_server, name: &str, f: impl FnOnce(&mut EventLoop
             log::error!("{name}: NULL server");
             return neg(libc::EINVAL);
         };
-        match s.setup.lock().as_mut() {
-            Some(l) => f(l),
-            None => {
-                log::error!("{name}: the server has already run");
+        match &mut *s.phase.lock() {
+            Phase::Setup(l) => f(l),
+            _ => {
+                log::error!("{name}: the server is running or has run");
                 neg(libc::EBUSY)
             }
         }
@@ -111,7 +118,7 @@ pub unsafe extern "C" fn nbdkit_server_new(
         match EventLoop::new(plugin) {
             Ok(l) => {
                 let shared = l.shared.clone();
-                Box::into_raw(Box::new(Server { setup: Mutex::new(Some(l)), shared })).cast()
+                Box::into_raw(Box::new(Server { phase: Mutex::new(Phase::Setup(l)), shared })).cast()
             }
             Err(e) => {
                 log::error!("nbdkit_server_new: {e}");
@@ -270,6 +277,75 @@ pub extern "C" fn nbdkit_server_set_max_inflight(srv: *mut nbdkit_server, max_op
     })
 }
 
+/// Caps the connections served at once (0, the default, means no cap).
+/// Clients over the cap are accepted and closed at once. Set-up thread
+/// only. Returns 0 or a negative errno.
+#[unsafe(no_mangle)]
+pub extern "C" fn nbdkit_server_set_max_connections(srv: *mut nbdkit_server, max_connections: u32) -> c_int {
+    with_setup(srv, "nbdkit_server_set_max_connections", |l| {
+        l.config.max_connections = max_connections as usize;
+        0
+    })
+}
+
+/// Caps the memory clients can make the server hold: request payloads,
+/// read buffers and unsent replies, per connection (default 256 MiB) and
+/// over all connections (default 1 GiB). A connection at its cap, or any
+/// connection holding memory while the total is at its cap, is not read
+/// until replies go out. One request may overshoot a cap by its own size
+/// (at most 32 MiB). 0 keeps a default. Set-up thread only.
+/// Returns 0 or a negative errno.
+#[unsafe(no_mangle)]
+pub extern "C" fn nbdkit_server_set_memory_limits(srv: *mut nbdkit_server, per_connection: usize, total: usize) -> c_int {
+    with_setup(srv, "nbdkit_server_set_memory_limits", |l| {
+        if per_connection != 0 {
+            l.config.max_connection_bytes = per_connection;
+        }
+        if total != 0 {
+            l.config.max_total_bytes = total;
+        }
+        0
+    })
+}
+
+/// A client must finish the handshake within `ms` milliseconds or be
+/// disconnected (default 10000; 0 means no limit). Set-up thread only.
+/// Returns 0 or a negative errno.
+#[unsafe(no_mangle)]
+pub extern "C" fn nbdkit_server_set_handshake_timeout_ms(srv: *mut nbdkit_server, ms: u32) -> c_int {
+    with_setup(srv, "nbdkit_server_set_handshake_timeout_ms", |l| {
+        l.config.handshake_timeout = (ms > 0).then(|| Duration::from_millis(ms as u64));
+        0
+    })
+}
+
+/// When the plugin has not replied to an op within `ms` milliseconds, the
+/// client is answered with an error (EIO on the wire) and the plugin's
+/// late reply becomes a logged no-op. The op's buffer stays valid until
+/// that late reply. 0 (the default) means no timeout. Set-up thread only.
+/// Returns 0 or a negative errno.
+#[unsafe(no_mangle)]
+pub extern "C" fn nbdkit_server_set_request_timeout_ms(srv: *mut nbdkit_server, ms: u32) -> c_int {
+    with_setup(srv, "nbdkit_server_set_request_timeout_ms", |l| {
+        l.config.request_timeout = (ms > 0).then(|| Duration::from_millis(ms as u64));
+        0
+    })
+}
+
+/// How long shutdown waits for the plugin to answer ops in flight before
+/// answering their clients ESHUTDOWN and returning from
+/// `nbdkit_main_loop`. Negative (the default) waits for every reply.
+/// Ops still unanswered then are released by `nbdkit_server_free`, which
+/// must therefore come after the plugin has stopped touching them.
+/// Set-up thread only. Returns 0 or a negative errno.
+#[unsafe(no_mangle)]
+pub extern "C" fn nbdkit_server_set_shutdown_grace_ms(srv: *mut nbdkit_server, ms: i64) -> c_int {
+    with_setup(srv, "nbdkit_server_set_shutdown_grace_ms", |l| {
+        l.config.shutdown_grace = (ms >= 0).then(|| Duration::from_millis(ms as u64));
+        0
+    })
+}
+
 /// Runs the server on the calling thread until `nbdkit_server_shutdown` or
 /// `nbdkit_shutdown`. On shutdown it stops accepting clients and reading
 /// requests, waits for every op in flight to be replied to and for the
@@ -281,11 +357,17 @@ pub extern "C" fn nbdkit_server_set_max_inflight(srv: *mut nbdkit_server, max_op
 pub extern "C" fn nbdkit_main_loop(srv: *mut nbdkit_server) -> c_int {
     guard("nbdkit_main_loop", neg(libc::EIO), || {
         let Some(s) = server(srv) else { return neg(libc::EINVAL) };
-        let Some(mut event_loop) = s.setup.lock().take() else {
-            log::error!("nbdkit_main_loop: the server has already run");
-            return neg(libc::EBUSY);
+        let mut event_loop = match std::mem::replace(&mut *s.phase.lock(), Phase::Running) {
+            Phase::Setup(l) => l,
+            other => {
+                *s.phase.lock() = other;
+                log::error!("nbdkit_main_loop: the server is running or has run");
+                return neg(libc::EBUSY);
+            }
         };
-        match event_loop.run() {
+        let result = event_loop.run();
+        *s.phase.lock() = Phase::Finished(event_loop);
+        match result {
             Ok(()) => 0,
             Err(e) => {
                 log::error!("event loop failed: {e}");

@@ -94,10 +94,14 @@ pub(crate) const NBD_EOVERFLOW: u32 = 75;
 pub(crate) const NBD_ENOTSUP: u32 = 95;
 pub(crate) const NBD_ESHUTDOWN: u32 = 108;
 
-/// Maps a host errno to the few values NBD allows on the wire.
-pub fn nbd_errno(errno: i32) -> u32 {
+/// Maps a host errno to the few values NBD allows on the wire. ENOTSUP and
+/// EOVERFLOW are only meaningful to a client that asked for them (FAST_ZERO,
+/// DF); anyone else gets EINVAL, as the spec says.
+pub fn nbd_errno(errno: i32, request_flags: u16) -> u32 {
     match errno {
-        libc::EPERM | libc::EROFS => NBD_EPERM,
+        libc::ENOTSUP if request_flags & CMD_FLAG_FAST_ZERO == 0 => NBD_EINVAL,
+        libc::EOVERFLOW if request_flags & CMD_FLAG_DF == 0 => NBD_EINVAL,
+        libc::EPERM | libc::EROFS | libc::EACCES => NBD_EPERM,
         libc::EIO => NBD_EIO,
         libc::ENOMEM => NBD_ENOMEM,
         libc::EINVAL => NBD_EINVAL,

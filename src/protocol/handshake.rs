@@ -67,7 +67,8 @@ enum State {
     ClientFlags,
     OptionHeader,
     OptionData { opt: u32, len: usize },
-    /// Skipping an option we will not buffer; `refusal` is sent once it is consumed.
+    /// Skipping an option we will not buffer; `refusal` is sent once it is
+    /// consumed (an ACK, then a close, for NBD_OPT_ABORT).
     Discard { opt: u32, remaining: u64, refusal: u32 },
     Finished,
 }
@@ -78,6 +79,7 @@ pub struct Handshake {
     no_zeroes: bool,
     structured_replies: bool,
     options_seen: u32,
+    shutting_down: bool,
 }
 
 impl Handshake {
@@ -92,7 +94,14 @@ impl Handshake {
             no_zeroes: false,
             structured_replies: false,
             options_seen: 0,
+            shutting_down: false,
         }
+    }
+
+    /// The server is stopping: options still to come are refused with
+    /// NBD_REP_ERR_SHUTDOWN.
+    pub fn shutting_down(&mut self) {
+        self.shutting_down = true;
     }
 
     /// Consumes bytes from `input` until the handshake needs more, ends or
@@ -113,8 +122,12 @@ impl Handshake {
                     self.state = State::Discard { opt, remaining: remaining - n, refusal };
                     return (used, Outcome::NeedMore);
                 }
-                log::debug!("{}: refused with {}", opt_name(opt), rep_name(refusal));
+                log::debug!("{}: answered {}", opt_name(opt), rep_name(refusal));
                 option_reply(out, opt, refusal, &[]);
+                if opt == OPT_ABORT {
+                    self.state = State::Finished;
+                    return (used, Outcome::Close("client sent NBD_OPT_ABORT"));
+                }
                 self.state = State::OptionHeader;
                 continue;
             }
@@ -152,9 +165,9 @@ impl Handshake {
                 if flags & !(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES) != 0 {
                     return Some(Outcome::Close("unknown client flags"));
                 }
-                if flags & CLIENT_FLAG_FIXED_NEWSTYLE == 0 {
-                    return Some(Outcome::Close("client does not speak fixed newstyle"));
-                }
+                // A client without FIXED_NEWSTYLE is served as if it had set
+                // it (the spec allows this): it only differs on options such
+                // a client does not send.
                 self.no_zeroes = flags & CLIENT_FLAG_NO_ZEROES != 0;
                 self.state = State::OptionHeader;
                 None
@@ -170,6 +183,18 @@ impl Handshake {
                 let opt = be_u32(&msg[8..12]);
                 let len = be_u32(&msg[12..16]);
                 log::debug!("client option {} ({} bytes)", opt_name(opt), len);
+                if opt == OPT_ABORT {
+                    // Any data is ignored; the answer is always an ACK.
+                    self.state = State::Discard { opt, remaining: len as u64, refusal: REP_ACK };
+                    return None;
+                }
+                if self.shutting_down {
+                    if opt == OPT_EXPORT_NAME {
+                        return Some(Outcome::Close("server shutting down"));
+                    }
+                    self.state = State::Discard { opt, remaining: len as u64, refusal: REP_ERR_SHUTDOWN };
+                    return None;
+                }
                 if !is_known_option(opt) || len > MAX_OPTION_LEN {
                     if opt == OPT_EXPORT_NAME {
                         return Some(Outcome::Close("NBD_OPT_EXPORT_NAME name too long"));
@@ -200,10 +225,6 @@ impl Handshake {
             None
         };
         match opt {
-            OPT_ABORT => {
-                option_reply(out, opt, REP_ACK, &[]);
-                Some(Outcome::Close("client sent NBD_OPT_ABORT"))
-            }
             OPT_EXPORT_NAME => {
                 let Some(name) = parse_string(data) else {
                     return Some(Outcome::Close("NBD_OPT_EXPORT_NAME with an invalid name"));
@@ -312,6 +333,14 @@ fn send_info(out: &mut Vec<u8>, opt: u32, info: &ExportInfo, requests: &[u16]) {
     export.extend_from_slice(&info.flags.to_be_bytes());
     option_reply(out, opt, REP_INFO, &export);
 
+    // Our limits differ from the spec's defaults, so they are always sent.
+    let mut block_size = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+    let (min, pref, max) = info.block_size;
+    for v in [min, pref, max] {
+        block_size.extend_from_slice(&v.to_be_bytes());
+    }
+    option_reply(out, opt, REP_INFO, &block_size);
+
     for &request in requests {
         let mut payload = request.to_be_bytes().to_vec();
         match request {
@@ -320,13 +349,8 @@ fn send_info(out: &mut Vec<u8>, opt: u32, info: &ExportInfo, requests: &[u16]) {
                 Some(d) => payload.extend_from_slice(d.as_bytes()),
                 None => continue,
             },
-            INFO_BLOCK_SIZE => {
-                let (min, pref, max) = info.block_size;
-                for v in [min, pref, max] {
-                    payload.extend_from_slice(&v.to_be_bytes());
-                }
-            }
-            // INFO_EXPORT was sent already; unknown requests are ignored as the spec says.
+            // INFO_EXPORT and INFO_BLOCK_SIZE were sent already; unknown
+            // requests are ignored as the spec says.
             _ => continue,
         }
         log::debug!("{}: sending {}", opt_name(opt), info_name(request));
@@ -431,8 +455,10 @@ mod tests {
         assert_eq!(types, vec![REP_ACK, REP_INFO, REP_INFO, REP_INFO, REP_INFO, REP_ACK]);
         assert_eq!(be_u16(&r[1].2[0..2]), INFO_EXPORT);
         assert_eq!(be_u64(&r[1].2[2..10]), 1 << 20);
-        assert_eq!(&r[2].2[2..], b"disk");
-        assert_eq!(r[3].2.len(), 14);
+        assert_eq!(be_u16(&r[1].2[10..12]) & FLAG_SEND_DF, FLAG_SEND_DF, "DF with structured replies");
+        assert_eq!(be_u16(&r[2].2[0..2]), INFO_BLOCK_SIZE);
+        assert_eq!(r[2].2.len(), 14);
+        assert_eq!(&r[3].2[2..], b"disk");
         assert_eq!(&r[4].2[2..], b"a test disk");
     }
 
@@ -457,10 +483,8 @@ mod tests {
         let mut out = Vec::new();
         let (used, outcome) = hs.feed(&input, &mut out, &mut ex);
         assert_eq!((used, outcome), (input.len(), Outcome::NeedMore));
-        let r = replies(&out);
-        assert_eq!(r[0].1, REP_ERR_UNKNOWN);
-        assert_eq!(r[1].1, REP_INFO);
-        assert_eq!(r[2].1, REP_ACK);
+        let r: Vec<u32> = replies(&out).iter().map(|x| x.1).collect();
+        assert_eq!(r, vec![REP_ERR_UNKNOWN, REP_INFO, REP_INFO, REP_ACK]);
         assert_eq!(ex.opened, vec![("disk".to_string(), Purpose::Info)]);
     }
 
@@ -519,7 +543,7 @@ mod tests {
 
     #[test]
     fn bad_flags_magic_and_abort_close() {
-        for (flags, why) in [(0u32, "fixed newstyle"), (1 << 5, "unknown client flags")] {
+        for (flags, why) in [(1u32 << 5, "unknown client flags")] {
             let (mut hs, mut ex) = start();
             let (_, outcome) = hs.feed(&client_flags(flags), &mut Vec::new(), &mut ex);
             assert!(matches!(outcome, Outcome::Close(w) if w.contains(why)), "{why}");
@@ -559,5 +583,39 @@ mod tests {
         }
         let (_, outcome) = hs.feed(&input, &mut Vec::new(), &mut ex);
         assert_eq!(outcome, Outcome::Close("too many options"));
+    }
+
+    #[test]
+    fn abort_with_data_is_acked_and_closes() {
+        let (mut hs, mut ex) = start();
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
+        input.extend(option(OPT_ABORT, &vec![7u8; MAX_OPTION_LEN as usize * 2]));
+        let mut out = Vec::new();
+        let (used, outcome) = hs.feed(&input, &mut out, &mut ex);
+        assert_eq!(used, input.len());
+        assert!(matches!(outcome, Outcome::Close(_)));
+        assert_eq!(replies(&out), vec![(OPT_ABORT, REP_ACK, vec![])]);
+    }
+
+    #[test]
+    fn shutdown_refuses_further_options() {
+        let (mut hs, mut ex) = start();
+        hs.shutting_down();
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
+        input.extend(option(OPT_GO, &info_request("", &[])));
+        let mut out = Vec::new();
+        let (_, outcome) = hs.feed(&input, &mut out, &mut ex);
+        assert_eq!(outcome, Outcome::NeedMore);
+        assert_eq!(replies(&out)[0].1, REP_ERR_SHUTDOWN);
+        assert!(ex.opened.is_empty());
+    }
+
+    #[test]
+    fn client_without_fixed_newstyle_is_served() {
+        let (mut hs, mut ex) = start();
+        let mut input = client_flags(0);
+        input.extend(option(OPT_EXPORT_NAME, b""));
+        let (_, outcome) = hs.feed(&input, &mut Vec::new(), &mut ex);
+        assert!(matches!(outcome, Outcome::Done(_)));
     }
 }

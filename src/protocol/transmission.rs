@@ -201,6 +201,10 @@ impl RequestReader {
 
 /// Checks a request against the spec and the export; the error is an NBD errno.
 pub fn validate(h: &RequestHeader, caps: &ExportCaps) -> Result<(), u32> {
+    let writes = matches!(h.cmd, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if writes && !caps.writable {
+        return Err(NBD_EPERM);
+    }
     let known = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
     if h.flags & !known != 0 {
         return Err(NBD_EINVAL);
@@ -218,7 +222,6 @@ pub fn validate(h: &RequestHeader, caps: &ExportCaps) -> Result<(), u32> {
     if h.flags & CMD_FLAG_FUA != 0 && (caps.fua == FuaMode::None || !caps.writable) {
         return Err(NBD_EINVAL);
     }
-    let writes = matches!(h.cmd, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     let supported = match h.cmd {
         CMD_READ | CMD_WRITE => true,
         CMD_FLUSH => caps.can_flush,
@@ -227,9 +230,6 @@ pub fn validate(h: &RequestHeader, caps: &ExportCaps) -> Result<(), u32> {
         CMD_CACHE => caps.can_cache,
         _ => false,
     };
-    if writes && !caps.writable {
-        return Err(NBD_EPERM);
-    }
     if !supported {
         return Err(NBD_EINVAL);
     }
@@ -240,7 +240,7 @@ pub fn validate(h: &RequestHeader, caps: &ExportCaps) -> Result<(), u32> {
         return Err(NBD_EINVAL);
     }
     if matches!(h.cmd, CMD_READ | CMD_WRITE) && h.length > MAX_PAYLOAD {
-        return Err(NBD_EOVERFLOW);
+        return Err(NBD_EINVAL);
     }
     let in_range = h.offset.checked_add(h.length as u64).is_some_and(|end| end <= caps.size);
     if !in_range {
@@ -281,7 +281,9 @@ mod tests {
             (hdr(CMD_READ, 0, (1 << 20) - 1, 2), &c, Err(NBD_EINVAL)),
             (hdr(CMD_READ, 0, u64::MAX, 2), &c, Err(NBD_EINVAL)),
             (hdr(CMD_READ, 0, 0, 0), &c, Err(NBD_EINVAL)),
-            (hdr(CMD_READ, 0, 0, MAX_PAYLOAD + 1), &c, Err(NBD_EOVERFLOW)),
+            (hdr(CMD_READ, 0, 0, MAX_PAYLOAD + 1), &c, Err(NBD_EINVAL)),
+            (hdr(CMD_WRITE, 0, 0, MAX_PAYLOAD + 1), &c, Err(NBD_EINVAL)),
+            (hdr(CMD_WRITE, CMD_FLAG_FUA, 0, 1), &ro, Err(NBD_EPERM)),
             (hdr(CMD_READ, CMD_FLAG_DF, 0, 1), &c, Err(NBD_EINVAL)),
             (hdr(CMD_READ, CMD_FLAG_DF, 0, 1), &ExportCaps { structured_replies: true, ..c }, Ok(())),
             (hdr(CMD_WRITE, 0, 1 << 20, 1), &c, Err(NBD_ENOSPC)),
