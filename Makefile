@@ -3,6 +3,8 @@
 #   make          release library + every example into build/
 #   make demo     serve the async memdisk example on a Unix socket
 #   make check    install missing test tools (as root), then run every test
+#   make bench    side-by-side benchmark against nbdkit and qemu-nbd
+#   make soak     long fio verify run against memdisk (SOAK_SECONDS)
 
 CARGO    ?= cargo
 CC       ?= cc
@@ -15,14 +17,17 @@ HEADER   := include/nbdkit-async.h
 WARN     := -Wall -Wextra -Werror -pedantic
 CFLAGS   ?= -O2 -g
 CFLAGS   += -std=c11 $(WARN) -Iinclude -pthread
+CXXFLAGS ?= -O2 -g
+CXXFLAGS += -std=c++17 $(WARN) -Iinclude -pthread
 # What the Rust standard library needs when linked statically.
 LIBS     := $(STATICLIB) -lgcc_s -lutil -lrt -lpthread -lm -ldl
 
-EXAMPLES := $(BUILD)/memdisk
+EXAMPLES := $(patsubst c-examples/%.c,$(BUILD)/%,$(wildcard c-examples/*.c)) \
+            $(patsubst cpp-examples/%.cpp,$(BUILD)/%,$(wildcard cpp-examples/*.cpp))
 PYTHON   := /usr/bin/python3
 DEMO_SOCK := $(BUILD)/demo.sock
 
-.PHONY: all lib demo check check-deps check-header unit-test integration-test clean
+.PHONY: all lib demo check check-deps check-header unit-test integration-test bench soak clean
 
 all: $(EXAMPLES)
 
@@ -34,6 +39,9 @@ $(STATICLIB): FORCE
 
 $(BUILD)/%: c-examples/%.c $(STATICLIB) $(HEADER) | $(BUILD)
 	$(CC) $(CFLAGS) -o $@ $< $(LIBS)
+
+$(BUILD)/%: cpp-examples/%.cpp $(STATICLIB) $(HEADER) $(wildcard include/*.hpp) | $(BUILD)
+	$(CXX) $(CXXFLAGS) -o $@ $< $(LIBS)
 
 $(BUILD):
 	mkdir -p $@
@@ -59,6 +67,13 @@ unit-test:
 
 integration-test: all
 	$(PYTHON) -m pytest -q tests
+
+bench: check-deps all
+	$(PYTHON) bench/run.py
+
+SOAK_SECONDS ?= 600
+soak: check-deps all
+	tests/soak.sh $(SOAK_SECONDS)
 
 clean:
 	$(CARGO) clean
