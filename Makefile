@@ -5,6 +5,7 @@
 #   make check    install missing test tools (as root), then run every test
 #   make bench    side-by-side benchmark against nbdkit and qemu-nbd
 #   make soak     long fio verify run against memdisk (SOAK_SECONDS)
+#   make fuzz     long randomized run of the protocol parsers (FUZZ_ITERATIONS)
 
 CARGO    ?= cargo
 CC       ?= cc
@@ -27,7 +28,7 @@ EXAMPLES := $(patsubst c-examples/%.c,$(BUILD)/%,$(wildcard c-examples/*.c)) \
 PYTHON   := /usr/bin/python3
 DEMO_SOCK := $(BUILD)/demo.sock
 
-.PHONY: all lib demo check check-deps check-header unit-test integration-test bench soak clean
+.PHONY: all lib demo check check-deps check-header unit-test integration-test bench soak fuzz clean
 
 all: $(EXAMPLES)
 
@@ -74,6 +75,10 @@ bench: check-deps all
 SOAK_SECONDS ?= 600
 soak: check-deps all
 	tests/soak.sh $(SOAK_SECONDS)
+
+FUZZ_ITERATIONS ?= 2000000
+fuzz:
+	NBDKIT_ASYNC_FUZZ_ITERATIONS=$(FUZZ_ITERATIONS) $(CARGO) test --release --lib protocol::fuzz
 
 clean:
 	$(CARGO) clean

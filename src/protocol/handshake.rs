@@ -98,6 +98,11 @@ impl Handshake {
         }
     }
 
+    /// Bytes held while waiting for the rest of a message.
+    pub fn buffered(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// The server is stopping: options still to come are refused with
     /// NBD_REP_ERR_SHUTDOWN.
     pub fn shutting_down(&mut self) {

@@ -5,3 +5,6 @@ pub mod codec;
 pub mod consts;
 pub mod handshake;
 pub mod transmission;
+
+#[cfg(test)]
+mod fuzz;
