@@ -45,6 +45,27 @@
 #define NBDKIT_FUA_NATIVE 2
 
 /**
+ * Only one client connection at a time; others wait before the handshake.
+ * Implies NBDKIT_THREAD_MODEL_SERIALIZE_ALL_REQUESTS.
+ */
+#define NBDKIT_THREAD_MODEL_SERIALIZE_CONNECTIONS 0
+
+/**
+ * One I/O callback at a time in the whole server.
+ */
+#define NBDKIT_THREAD_MODEL_SERIALIZE_ALL_REQUESTS 1
+
+/**
+ * One I/O callback at a time per connection (handle); connections overlap.
+ */
+#define NBDKIT_THREAD_MODEL_SERIALIZE_REQUESTS 2
+
+/**
+ * Any number of I/O callbacks at once, on any handle.
+ */
+#define NBDKIT_THREAD_MODEL_PARALLEL 3
+
+/**
  * An NBD request in flight, handed to an I/O callback.
  *
  * It is an opaque token, not a pointer to memory: never dereference it.
@@ -197,6 +218,97 @@ typedef struct nbdkit_plugin_lowlevel {
   void (*cancel)(struct nbdkit_op *op, void *handle);
 } nbdkit_plugin_lowlevel;
 
+/**
+ * The callbacks of a synchronous plugin (the classic nbdkit shape).
+ *
+ * Pass it to `nbdkit_server_new_sync` with `sizeof` of the struct, like
+ * `nbdkit_plugin_lowlevel`; everything else about the server is the same.
+ *
+ * `open`, `close`, `get_size` and the `can_*` callbacks have the same
+ * meaning as in `nbdkit_plugin_lowlevel` and run on the event-loop thread:
+ * keep them quick. The I/O callbacks run on the library's worker threads
+ * (see `nbdkit_server_set_threads`), as many at once as `thread_model`
+ * allows. They block as long as they need, and return 0, or -1 with an
+ * error set by `nbdkit_set_error` or left in `errno` (EIO if neither).
+ * Buffers are valid only during the call. A NULL I/O callback means the
+ * command is not offered to clients.
+ */
+typedef struct nbdkit_plugin {
+  /**
+   * Short plugin name, used in logs. May be NULL.
+   */
+  const char *name;
+  /**
+   * As in `nbdkit_plugin_lowlevel`.
+   */
+  void *(*open)(void *user_data, int readonly, const char *export_name);
+  /**
+   * As in `nbdkit_plugin_lowlevel`.
+   */
+  void (*close)(void *handle);
+  /**
+   * As in `nbdkit_plugin_lowlevel`. Required.
+   */
+  int64_t (*get_size)(void *handle);
+  /**
+   * As in `nbdkit_plugin_lowlevel`.
+   */
+  int (*can_write)(void *handle);
+  /**
+   * As in `nbdkit_plugin_lowlevel`.
+   */
+  int (*can_flush)(void *handle);
+  /**
+   * As in `nbdkit_plugin_lowlevel`.
+   */
+  int (*can_trim)(void *handle);
+  /**
+   * As in `nbdkit_plugin_lowlevel`.
+   */
+  int (*can_zero)(void *handle);
+  /**
+   * As in `nbdkit_plugin_lowlevel`.
+   */
+  int (*can_fua)(void *handle);
+  /**
+   * As in `nbdkit_plugin_lowlevel`.
+   */
+  int (*can_multi_conn)(void *handle);
+  /**
+   * As in `nbdkit_plugin_lowlevel`.
+   */
+  int (*can_cache)(void *handle);
+  /**
+   * Reads `count` bytes at `offset` into `buf`. Required.
+   */
+  int (*pread)(void *handle, void *buf, uint32_t count, uint64_t offset, uint32_t flags);
+  /**
+   * Writes `count` bytes from `buf` at `offset`; `flags` may hold NBDKIT_FLAG_FUA.
+   */
+  int (*pwrite)(void *handle, const void *buf, uint32_t count, uint64_t offset, uint32_t flags);
+  /**
+   * Makes every completed write durable.
+   */
+  int (*flush)(void *handle, uint32_t flags);
+  /**
+   * Discards a range; `flags` may hold NBDKIT_FLAG_FUA.
+   */
+  int (*trim)(void *handle, uint32_t count, uint64_t offset, uint32_t flags);
+  /**
+   * Writes zeroes; `flags` may hold NBDKIT_FLAG_MAY_TRIM and NBDKIT_FLAG_FUA.
+   */
+  int (*zero)(void *handle, uint32_t count, uint64_t offset, uint32_t flags);
+  /**
+   * Prefetches a range.
+   */
+  int (*cache)(void *handle, uint32_t count, uint64_t offset, uint32_t flags);
+  /**
+   * One of NBDKIT_THREAD_MODEL_*; the library enforces it. 0 (zero
+   * initialisation) is the safest, SERIALIZE_CONNECTIONS.
+   */
+  int thread_model;
+} nbdkit_plugin;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -258,6 +370,22 @@ int nbdkit_reply_error(struct nbdkit_op *op, int errnum);
 struct nbdkit_server *nbdkit_server_new(const struct nbdkit_plugin_lowlevel *plugin,
                                         size_t plugin_size,
                                         void *user_data);
+
+/**
+ * Creates a server for a synchronous plugin: the same server as
+ * `nbdkit_server_new` (every other function applies unchanged), with the
+ * plugin's I/O callbacks run on library-owned worker threads as its
+ * `thread_model` allows.
+ *
+ * `plugin_size` is `sizeof(struct nbdkit_plugin)` as the plugin was
+ * compiled. Returns NULL on error (logged). Free with `nbdkit_server_free`.
+ *
+ * # Safety
+ * As for `nbdkit_server_new`.
+ */
+struct nbdkit_server *nbdkit_server_new_sync(const struct nbdkit_plugin *plugin,
+                                             size_t plugin_size,
+                                             void *user_data);
 
 /**
  * Releases a server. NULL is ignored. Must not be called while
@@ -323,6 +451,13 @@ int nbdkit_server_set_export_description(struct nbdkit_server *srv, const char *
  * only. Returns 0, or -EINVAL for 0.
  */
 int nbdkit_server_set_max_inflight(struct nbdkit_server *srv, uint32_t max_ops);
+
+/**
+ * Sets how many worker threads run a synchronous plugin's callbacks
+ * (default 16, like nbdkit). Ignored for asynchronous plugins, which get
+ * no threads from the library. Set-up thread only. Returns 0, or -EINVAL for 0.
+ */
+int nbdkit_server_set_threads(struct nbdkit_server *srv, uint32_t threads);
 
 /**
  * Caps the connections served at once (0, the default, means no cap).
@@ -393,6 +528,13 @@ int nbdkit_server_shutdown(struct nbdkit_server *srv);
  * thread. Servers created afterwards are not affected.
  */
 void nbdkit_shutdown(void);
+
+/**
+ * Sets the error a synchronous I/O callback reports when it returns -1
+ * (otherwise `errno` is used, then EIO). Call it on the thread running
+ * the callback, before returning. Has no effect elsewhere.
+ */
+void nbdkit_set_error(int errnum);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -9,6 +9,8 @@ pub(crate) const DEFAULT_MAX_INFLIGHT: usize = 4096;
 pub(crate) const DEFAULT_MAX_CONNECTION_BYTES: usize = 256 * 1024 * 1024;
 /// Default cap on those bytes summed over every connection.
 pub(crate) const DEFAULT_MAX_TOTAL_BYTES: usize = 1024 * 1024 * 1024;
+/// Worker threads for a synchronous plugin, as nbdkit's default.
+pub(crate) const DEFAULT_THREADS: usize = 16;
 /// A client gets this long to finish the handshake (as qemu-nbd).
 pub(crate) const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -27,6 +29,8 @@ pub struct Config {
     pub request_timeout: Option<Duration>,
     /// How long shutdown waits for the plugin before answering ESHUTDOWN.
     pub shutdown_grace: Option<Duration>,
+    /// Worker threads for a synchronous plugin.
+    pub threads: usize,
 }
 
 impl Default for Config {
@@ -42,6 +46,7 @@ impl Default for Config {
             handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
             request_timeout: None,
             shutdown_grace: None,
+            threads: DEFAULT_THREADS,
         }
     }
 }

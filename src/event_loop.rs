@@ -2,6 +2,7 @@
 //! completions. Everything here runs on the one thread that called
 //! `nbdkit_main_loop`.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ use crate::conn::stream::{interrupted, would_block, Stream};
 use crate::conn::{Connection, Ctx, Next, Op};
 use crate::deadlines::Deadlines;
 use crate::plugin::Plugin;
+use crate::worker_pool::ThreadModel;
 
 const WAKER: MioToken = MioToken(0);
 const SHUTDOWN: MioToken = MioToken(1);
@@ -167,6 +169,7 @@ impl EventLoop {
         let mut touched: Vec<usize> = Vec::new();
         self.state.handshakes = self.config.handshake_timeout.map(Deadlines::new);
         self.state.requests = self.config.request_timeout.map(Deadlines::new);
+        self.plugin.start_workers(self.config.threads)?;
         log::info!("{}: serving", self.plugin.name);
         loop {
             let timeout = self.poll_timeout(Instant::now());
@@ -285,7 +288,9 @@ impl EventLoop {
             let key = s.conns.vacant_key();
             let serial = s.next_serial;
             s.next_serial += 1;
-            let mut conn = Connection::new(key, serial, stream);
+            // SERIALIZE_CONNECTIONS: later clients wait, ungreeted, for their turn.
+            let wait = self.plugin.thread_model() == Some(ThreadModel::SerializeConnections) && !s.conns.is_empty();
+            let mut conn = Connection::new(key, serial, stream, wait);
             let stream = conn.stream_mut().expect("new connection");
             if let Err(e) = self.poll.registry().register(stream, MioToken(FIRST_CONN + key), Interest::READABLE | Interest::WRITABLE) {
                 log::warn!("cannot register connection: {e}");
@@ -293,6 +298,10 @@ impl EventLoop {
             }
             s.total_bytes += conn.held_total();
             s.conns.insert(conn);
+            if wait {
+                s.waiting.push_back((key, serial));
+                continue;
+            }
             if let Some(h) = s.handshakes.as_mut() {
                 h.arm(now, (key, serial));
             }
@@ -360,6 +369,22 @@ impl EventLoop {
             }
             conn.close(&self.plugin);
             log::debug!("connection {} finished", conn.serial);
+            self.greet_next_waiting(now);
+        }
+    }
+
+    /// SERIALIZE_CONNECTIONS: the server is free, greet the longest-waiting client.
+    fn greet_next_waiting(&mut self, now: Instant) {
+        let s = &mut self.state;
+        while let Some((key, serial)) = s.waiting.pop_front() {
+            let Some(c) = s.conns.get_mut(key).filter(|c| c.serial == serial) else { continue };
+            c.greet();
+            s.total_bytes += c.held_total();
+            if let Some(h) = s.handshakes.as_mut() {
+                h.arm(now, (key, serial));
+            }
+            s.again.push(key);
+            return;
         }
     }
 
@@ -420,6 +445,8 @@ impl Drop for EventLoop {
         // Ops the plugin never answered die with the server: their buffers
         // are freed and their handles closed. The host must have stopped
         // touching them (joined its workers) before freeing the server.
+        // Library-owned workers finish the callbacks they are in first.
+        self.plugin.stop_workers();
         if self.state.ops.len() > 0 {
             log::warn!("{}: freeing {} ops the plugin never answered", self.plugin.name, self.state.ops.len());
         }
@@ -445,6 +472,8 @@ struct LoopState {
     handshakes: Option<Deadlines<(usize, u64)>>,
     requests: Option<Deadlines<Token>>,
     accept_retry: Option<Instant>,
+    /// Connections not yet greeted (SERIALIZE_CONNECTIONS), oldest first.
+    waiting: VecDeque<(usize, u64)>,
     stopping_since: Option<Instant>,
     grace_expired: bool,
 }

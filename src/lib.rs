@@ -13,3 +13,4 @@ pub mod ffi;
 pub mod logging;
 pub mod plugin;
 pub mod protocol;
+pub mod worker_pool;

@@ -1,10 +1,16 @@
 //! The library's view of a C plugin: opening exports, asking capabilities
 //! and starting I/O. Every call into plugin code goes through here.
+//!
+//! Both plugin APIs end up here: an asynchronous plugin's I/O callbacks are
+//! called directly; a synchronous plugin's are queued to the worker pool.
+//! Either way the op is finished through the completion queue.
 
 use std::ffi::{c_int, c_void, CStr, CString};
 
 use crate::completion::Token;
 use crate::ffi::plugin::*;
+use crate::ffi::sync_plugin::nbdkit_plugin;
+use crate::worker_pool::{Job, SyncIo, ThreadModel, WorkerPool};
 use crate::protocol::transmission::{ExportCaps, FuaMode};
 
 /// The plugin's per-connection handle from `open`.
@@ -23,9 +29,13 @@ pub enum Io {
 }
 
 pub struct Plugin {
+    /// Open, close, size and capabilities; for a synchronous plugin the I/O
+    /// fields here are all None.
     raw: nbdkit_plugin_lowlevel,
     user_data: *mut c_void,
     pub name: String,
+    /// Set for a synchronous plugin.
+    pool: Option<WorkerPool>,
 }
 
 // SAFETY: the plugin's callbacks are only ever called from the one event-loop
@@ -56,13 +66,83 @@ impl Plugin {
         if raw.get_size.is_none() || raw.pread.is_none() {
             return Err("plugin needs at least get_size and pread callbacks");
         }
+        // SAFETY: forwarded from the caller.
+        Ok(unsafe { Plugin::new_common(raw, user_data) })
+    }
+
+    /// # Safety
+    /// `sync`'s function pointers must be valid for the life of the plugin.
+    pub unsafe fn new_sync(sync: &nbdkit_plugin, user_data: *mut c_void) -> Result<Plugin, &'static str> {
+        let model = ThreadModel::from_c(sync.thread_model).ok_or("unknown thread model")?;
+        if sync.get_size.is_none() || sync.pread.is_none() {
+            return Err("plugin needs at least get_size and pread callbacks");
+        }
+        let io = SyncIo { pread: sync.pread, pwrite: sync.pwrite, flush: sync.flush, trim: sync.trim, zero: sync.zero, cache: sync.cache };
+        // SAFETY: all-zero is a valid struct of NULL pointers and None callbacks.
+        let mut raw: nbdkit_plugin_lowlevel = unsafe { std::mem::zeroed() };
+        raw.name = sync.name;
+        raw.open = sync.open;
+        raw.close = sync.close;
+        raw.get_size = sync.get_size;
+        raw.can_write = sync.can_write;
+        raw.can_flush = sync.can_flush;
+        raw.can_trim = sync.can_trim;
+        raw.can_zero = sync.can_zero;
+        raw.can_fua = sync.can_fua;
+        raw.can_multi_conn = sync.can_multi_conn;
+        raw.can_cache = sync.can_cache;
+        // SAFETY: forwarded from the caller.
+        let mut p = unsafe { Plugin::new_common(raw, user_data) };
+        p.pool = Some(WorkerPool::new(io, model));
+        Ok(p)
+    }
+
+    /// # Safety
+    /// As for [`Plugin::new`], without the I/O checks.
+    unsafe fn new_common(raw: nbdkit_plugin_lowlevel, user_data: *mut c_void) -> Plugin {
         let name = if raw.name.is_null() {
             "plugin".to_string()
         } else {
             // SAFETY: the caller promised a valid C string.
             unsafe { CStr::from_ptr(raw.name) }.to_string_lossy().into_owned()
         };
-        Ok(Plugin { raw, user_data, name })
+        Plugin { raw, user_data, name, pool: None }
+    }
+
+    /// The synchronous plugin's thread model, if it is one.
+    pub fn thread_model(&self) -> Option<ThreadModel> {
+        self.pool.as_ref().map(|p| p.model())
+    }
+
+    /// Starts the worker threads of a synchronous plugin.
+    pub fn start_workers(&mut self, n: usize) -> std::io::Result<()> {
+        match self.pool.as_mut() {
+            Some(p) => p.start(n),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for the workers to finish what they are running, then joins them.
+    pub fn stop_workers(&mut self) {
+        if let Some(p) = self.pool.as_mut() {
+            p.stop();
+        }
+    }
+
+    /// Does the plugin offer this I/O at all?
+    fn has(&self, io: Io) -> bool {
+        if let Some(pool) = &self.pool {
+            return pool.io().has(io);
+        }
+        let r = &self.raw;
+        match io {
+            Io::Read => r.pread.is_some(),
+            Io::Write => r.pwrite.is_some(),
+            Io::Flush => r.flush.is_some(),
+            Io::Trim => r.trim.is_some(),
+            Io::Zero => r.zero.is_some(),
+            Io::Cache => r.cache.is_some(),
+        }
     }
 
     pub fn open(&self, readonly: bool, export_name: &str) -> Result<Handle, i32> {
@@ -100,8 +180,8 @@ impl Plugin {
             }
         };
         let raw = &self.raw;
-        let writable = !readonly && raw.pwrite.is_some() && ask(raw.can_write, true)?;
-        let can_flush = raw.flush.is_some() && ask(raw.can_flush, true)?;
+        let writable = !readonly && self.has(Io::Write) && ask(raw.can_write, true)?;
+        let can_flush = self.has(Io::Flush) && ask(raw.can_flush, true)?;
         let fua = match raw.can_fua {
             None if can_flush => FuaMode::Emulate,
             None => FuaMode::None,
@@ -118,9 +198,9 @@ impl Plugin {
             size: size as u64,
             writable,
             can_flush,
-            can_trim: writable && raw.trim.is_some() && ask(raw.can_trim, true)?,
-            can_zero: writable && raw.zero.is_some() && ask(raw.can_zero, true)?,
-            can_cache: raw.cache.is_some() && ask(raw.can_cache, true)?,
+            can_trim: writable && self.has(Io::Trim) && ask(raw.can_trim, true)?,
+            can_zero: writable && self.has(Io::Zero) && ask(raw.can_zero, true)?,
+            can_cache: self.has(Io::Cache) && ask(raw.can_cache, true)?,
             can_multi_conn: ask(raw.can_multi_conn, false)?,
             fua,
             structured_replies,
@@ -138,6 +218,10 @@ impl Plugin {
     /// Hands an op to the plugin. `buf` is the read buffer or write payload.
     /// `Err(errno)` means the plugin refused it at once and will not reply.
     pub fn start(&self, io: Io, token: Token, h: Handle, buf: &mut [u8], count: u32, offset: u64, flags: u32) -> Result<(), i32> {
+        if let Some(pool) = &self.pool {
+            pool.submit(Job { token, io, handle: h, buf: buf.as_mut_ptr(), count, offset, flags });
+            return Ok(());
+        }
         let op = token.0 as usize as *mut nbdkit_op;
         let r = &self.raw;
         clear_errno();

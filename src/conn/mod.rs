@@ -79,6 +79,9 @@ impl Ctx<'_> {
 }
 
 enum Phase {
+    /// Accepted but not yet greeted: another connection holds the server
+    /// (thread model SERIALIZE_CONNECTIONS).
+    Waiting,
     Handshake(Handshake),
     Transmission(RequestReader),
 }
@@ -122,23 +125,21 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(key: usize, serial: u64, stream: Stream) -> Self {
-        let mut greeting = Vec::new();
-        let hs = Handshake::new(&mut greeting);
-        let mut output = Output::default();
-        output.push_bytes(greeting);
+    /// A new connection; unless it must `wait` for its turn, the greeting
+    /// is queued at once.
+    pub fn new(key: usize, serial: u64, stream: Stream, wait: bool) -> Self {
         let peer = stream.peer();
-        log::debug!("connection {serial} from {peer}");
-        Connection {
+        log::debug!("connection {serial} from {peer}{}", if wait { ", waiting for its turn" } else { "" });
+        let mut c = Connection {
             key,
             serial,
             stream: Some(stream),
             peer,
-            phase: Phase::Handshake(hs),
+            phase: Phase::Waiting,
             input: vec![0; INPUT_BUFFER].into_boxed_slice(),
             in_start: 0,
             in_end: 0,
-            output,
+            output: Output::default(),
             handle: None,
             caps: None,
             inflight: 0,
@@ -147,7 +148,18 @@ impl Connection {
             read_blocked: false,
             write_blocked: false,
             cancel_sent: false,
+        };
+        if !wait {
+            c.greet();
         }
+        c
+    }
+
+    /// Starts the handshake of a connection that was waiting.
+    pub fn greet(&mut self) {
+        let mut greeting = Vec::new();
+        self.phase = Phase::Handshake(Handshake::new(&mut greeting));
+        self.output.push_bytes(greeting);
     }
 
     pub fn stream_mut(&mut self) -> Option<&mut Stream> {
@@ -179,6 +191,7 @@ impl Connection {
         match &mut self.phase {
             Phase::Handshake(hs) => hs.shutting_down(),
             Phase::Transmission(_) => self.reading_done = true,
+            Phase::Waiting => self.break_off("server shutting down"),
         }
     }
 
@@ -231,7 +244,7 @@ impl Connection {
     pub fn service(&mut self, ctx: &mut Ctx) -> Next {
         let mut budget = READ_BUDGET;
         loop {
-            if self.reading_done || self.stream.is_none() {
+            if self.reading_done || self.stream.is_none() || matches!(self.phase, Phase::Waiting) {
                 return Next::Wait;
             }
             if let Some(next) = self.paused(ctx) {
@@ -288,6 +301,7 @@ impl Connection {
     fn consume_input(&mut self, ctx: &mut Ctx) {
         let input = &self.input[self.in_start..self.in_end];
         match &mut self.phase {
+            Phase::Waiting => {}
             Phase::Handshake(hs) => {
                 let mut out = Vec::new();
                 let mut resolver = Resolver { ctx, handle: &mut self.handle, caps: &mut self.caps };

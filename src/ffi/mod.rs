@@ -6,6 +6,7 @@
 pub mod plugin;
 pub mod reply;
 pub mod server;
+pub mod sync_plugin;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

@@ -1,6 +1,6 @@
 //! Server set-up, the main loop and shutdown.
 
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::net::ToSocketAddrs;
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
@@ -10,6 +10,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use super::plugin::nbdkit_plugin_lowlevel;
+use super::sync_plugin::nbdkit_plugin;
 use super::{guard, neg};
 use crate::event_loop::{request_global_shutdown, EventLoop, Listener, Shared};
 use crate::plugin::Plugin;
@@ -86,46 +87,83 @@ fn with_setup(srv: *mut nbdkit_server, name: &str, f: impl FnOnce(&mut EventLoop
 pub unsafe extern "C" fn nbdkit_server_new(
     plugin: *const nbdkit_plugin_lowlevel,
     plugin_size: usize,
-    user_data: *mut std::ffi::c_void,
+    user_data: *mut c_void,
 ) -> *mut nbdkit_server {
     guard("nbdkit_server_new", std::ptr::null_mut(), || {
-        crate::logging::init();
-        if plugin.is_null() {
-            log::error!("nbdkit_server_new: NULL plugin");
+        // SAFETY: forwarded from the caller.
+        let Some(raw) = (unsafe { copy_versioned("nbdkit_server_new", plugin, plugin_size) }) else {
             return std::ptr::null_mut();
-        }
-        let ours = std::mem::size_of::<nbdkit_plugin_lowlevel>();
-        // SAFETY: the caller promises plugin_size readable bytes.
-        let bytes = unsafe { std::slice::from_raw_parts(plugin.cast::<u8>(), plugin_size) };
-        if bytes.len() > ours && bytes[ours..].iter().any(|&b| b != 0) {
-            log::error!("nbdkit_server_new: plugin uses callbacks this library does not have; upgrade the library");
-            return std::ptr::null_mut();
-        }
-        // SAFETY: all-zero is a valid nbdkit_plugin_lowlevel (NULL pointers,
-        // None callbacks); we copy at most its size over it.
-        let mut raw: nbdkit_plugin_lowlevel = unsafe { std::mem::zeroed() };
-        let n = bytes.len().min(ours);
-        // SAFETY: both ranges are valid for n bytes and do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut raw as *mut nbdkit_plugin_lowlevel).cast::<u8>(), n) };
-        // SAFETY: the caller vouches for the callbacks.
-        let plugin = match unsafe { Plugin::new(raw, user_data) } {
-            Ok(p) => p,
-            Err(e) => {
-                log::error!("nbdkit_server_new: {e}");
-                return std::ptr::null_mut();
-            }
         };
-        match EventLoop::new(plugin) {
-            Ok(l) => {
-                let shared = l.shared.clone();
-                Box::into_raw(Box::new(Server { phase: Mutex::new(Phase::Setup(l)), shared })).cast()
-            }
-            Err(e) => {
-                log::error!("nbdkit_server_new: {e}");
-                std::ptr::null_mut()
-            }
-        }
+        // SAFETY: the caller vouches for the callbacks.
+        new_server("nbdkit_server_new", unsafe { Plugin::new(raw, user_data) })
     })
+}
+
+/// Creates a server for a synchronous plugin: the same server as
+/// `nbdkit_server_new` (every other function applies unchanged), with the
+/// plugin's I/O callbacks run on library-owned worker threads as its
+/// `thread_model` allows.
+///
+/// `plugin_size` is `sizeof(struct nbdkit_plugin)` as the plugin was
+/// compiled. Returns NULL on error (logged). Free with `nbdkit_server_free`.
+///
+/// # Safety
+/// As for `nbdkit_server_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nbdkit_server_new_sync(
+    plugin: *const nbdkit_plugin,
+    plugin_size: usize,
+    user_data: *mut c_void,
+) -> *mut nbdkit_server {
+    guard("nbdkit_server_new_sync", std::ptr::null_mut(), || {
+        // SAFETY: forwarded from the caller.
+        let Some(raw) = (unsafe { copy_versioned("nbdkit_server_new_sync", plugin, plugin_size) }) else {
+            return std::ptr::null_mut();
+        };
+        // SAFETY: the caller vouches for the callbacks.
+        new_server("nbdkit_server_new_sync", unsafe { Plugin::new_sync(&raw, user_data) })
+    })
+}
+
+/// Copies a plugin struct the caller compiled at `size` bytes: fields it
+/// lacks read as zero (NULL); fields we lack must be zero in its copy.
+///
+/// # Safety
+/// `p` must be NULL or point to `size` readable bytes; `T` must be a
+/// `repr(C)` struct for which all-zero bytes are valid.
+unsafe fn copy_versioned<T>(name: &str, p: *const T, size: usize) -> Option<T> {
+    crate::logging::init();
+    if p.is_null() {
+        log::error!("{name}: NULL plugin");
+        return None;
+    }
+    let ours = std::mem::size_of::<T>();
+    // SAFETY: the caller promises `size` readable bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), size) };
+    if bytes.len() > ours && bytes[ours..].iter().any(|&b| b != 0) {
+        log::error!("{name}: plugin uses callbacks this library does not have; upgrade the library");
+        return None;
+    }
+    // SAFETY: all-zero is valid for T (caller's promise).
+    let mut out: T = unsafe { std::mem::zeroed() };
+    let n = bytes.len().min(ours);
+    // SAFETY: both ranges are valid for n bytes and do not overlap.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut out as *mut T).cast::<u8>(), n) };
+    Some(out)
+}
+
+fn new_server(name: &str, plugin: Result<Plugin, &'static str>) -> *mut nbdkit_server {
+    let made = plugin.map_err(|e| e.to_string()).and_then(|p| EventLoop::new(p).map_err(|e| e.to_string()));
+    match made {
+        Ok(l) => {
+            let shared = l.shared.clone();
+            Box::into_raw(Box::new(Server { phase: Mutex::new(Phase::Setup(l)), shared })).cast()
+        }
+        Err(e) => {
+            log::error!("{name}: {e}");
+            std::ptr::null_mut()
+        }
+    }
 }
 
 /// Releases a server. NULL is ignored. Must not be called while
@@ -273,6 +311,20 @@ pub extern "C" fn nbdkit_server_set_max_inflight(srv: *mut nbdkit_server, max_op
             return neg(libc::EINVAL);
         }
         l.config.max_inflight = max_ops as usize;
+        0
+    })
+}
+
+/// Sets how many worker threads run a synchronous plugin's callbacks
+/// (default 16, like nbdkit). Ignored for asynchronous plugins, which get
+/// no threads from the library. Set-up thread only. Returns 0, or -EINVAL for 0.
+#[unsafe(no_mangle)]
+pub extern "C" fn nbdkit_server_set_threads(srv: *mut nbdkit_server, threads: u32) -> c_int {
+    with_setup(srv, "nbdkit_server_set_threads", |l| {
+        if threads == 0 {
+            return neg(libc::EINVAL);
+        }
+        l.config.threads = threads as usize;
         0
     })
 }
