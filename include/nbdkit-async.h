@@ -29,6 +29,27 @@
 #define NBDKIT_FLAG_MAY_TRIM (1 << 0)
 
 /**
+ * `zero` must fail fast with ENOTSUP rather than write zeroes slowly
+ * (the client sent NBD_CMD_FLAG_FAST_ZERO).
+ */
+#define NBDKIT_FLAG_FAST_ZERO (1 << 3)
+
+/**
+ * `extents`: the client wants just one extent (NBD_CMD_FLAG_REQ_ONE).
+ */
+#define NBDKIT_FLAG_REQ_ONE (1 << 2)
+
+/**
+ * `nbdkit_extent.type` bit: the range is not allocated.
+ */
+#define NBDKIT_EXTENT_HOLE (1 << 0)
+
+/**
+ * `nbdkit_extent.type` bit: the range reads as zeroes.
+ */
+#define NBDKIT_EXTENT_ZERO (1 << 1)
+
+/**
  * `can_fua` result: FUA is not offered to clients.
  */
 #define NBDKIT_FUA_NONE 0
@@ -66,6 +87,12 @@
 #define NBDKIT_THREAD_MODEL_PARALLEL 3
 
 /**
+ * The export list being built by a `list_exports` callback; add to it
+ * with `nbdkit_add_export`. Valid only during that callback.
+ */
+typedef struct nbdkit_exports nbdkit_exports;
+
+/**
  * An NBD request in flight, handed to an I/O callback.
  *
  * It is an opaque token, not a pointer to memory: never dereference it.
@@ -86,6 +113,22 @@ typedef struct nbdkit_op nbdkit_op;
  * threads.
  */
 typedef struct nbdkit_server nbdkit_server;
+
+/**
+ * A run of bytes with one allocation state, in a reply to `extents` or
+ * a sparse read. Extents follow each other from the op's offset.
+ *
+ */
+typedef struct nbdkit_extent {
+  /**
+   * Bytes in this run (runs of 0 bytes are skipped).
+   */
+  uint64_t length;
+  /**
+   * NBDKIT_EXTENT_HOLE and/or NBDKIT_EXTENT_ZERO, or 0 for data.
+   */
+  uint32_t type;
+} nbdkit_extent;
 
 /**
  * The callbacks of an asynchronous plugin (the low-level API).
@@ -216,6 +259,40 @@ typedef struct nbdkit_plugin_lowlevel {
    * to exactly once (any reply will do; ECANCELED is customary). May be NULL.
    */
   void (*cancel)(struct nbdkit_op *op, void *handle);
+  /**
+   * Reports allocation in `count` bytes at `offset` (NBD_CMD_BLOCK_STATUS
+   * with the base:allocation context). `flags` may hold NBDKIT_FLAG_REQ_ONE.
+   * If NULL, clients are not offered base:allocation.
+   * Valid replies: `nbdkit_reply_extents`, `nbdkit_reply_error`.
+   */
+  int (*extents)(struct nbdkit_op *op, void *handle, uint32_t count, uint64_t offset, uint32_t flags);
+  /**
+   * Can `zero` honour NBDKIT_FLAG_FAST_ZERO (fail at once with ENOTSUP
+   * when zeroing would be slow)? Default: no, and the flag is not offered.
+   */
+  int (*can_fast_zero)(void *handle);
+  /**
+   * Block size constraints: minimum (a power of 2, at most 64 KiB),
+   * preferred (a power of 2) and maximum (a multiple of the minimum; the
+   * library caps it at 32 MiB). Return 0 or -1. Requests breaking them
+   * are refused with EINVAL before the plugin sees them. Default 1 /
+   * 4096 / 32 MiB.
+   */
+  int (*block_size)(void *handle, uint32_t *minimum, uint32_t *preferred, uint32_t *maximum);
+  /**
+   * Lists the exports for NBD_OPT_LIST with `nbdkit_add_export`. Return
+   * 0 or -1. When set, every export name a client asks for is passed to
+   * `open` (which refuses unknown ones with ENOENT); "" still means the
+   * name set with `nbdkit_server_set_export_name`. When NULL, the server
+   * has the one export of that name.
+   */
+  int (*list_exports)(void *user_data, struct nbdkit_exports *exports);
+  /**
+   * The description of the open export (NBD_INFO_DESCRIPTION), or NULL.
+   * The string must stay valid until the handle is closed. Default: the
+   * server's description.
+   */
+  const char *(*export_description)(void *handle);
 } nbdkit_plugin_lowlevel;
 
 /**
@@ -314,6 +391,19 @@ extern "C" {
 #endif // __cplusplus
 
 /**
+ * Adds an export to the list a `list_exports` callback is building.
+ * `name` must be at most 4096 bytes of UTF-8; `description` may be NULL.
+ * Both are copied. Call only from inside `list_exports`, on its thread.
+ *
+ * Returns 0, or -EINVAL (bad arguments) or -E2BIG (more than 10000 exports).
+ *
+ * # Safety
+ * `exports` must be the pointer `list_exports` received; the strings must
+ * be NUL-terminated.
+ */
+int nbdkit_add_export(struct nbdkit_exports *exports, const char *name, const char *description);
+
+/**
  * Answers an op with success. For a read, the buffer given to `pread`
  * must hold the data by now.
  *
@@ -350,6 +440,36 @@ int nbdkit_reply_read(struct nbdkit_op *op, const void *data, uint32_t count);
  * Thread-safe, exactly once per op, like `nbdkit_reply`.
  */
 int nbdkit_reply_error(struct nbdkit_op *op, int errnum);
+
+/**
+ * Answers a block-status op (`extents` callback) with `n` extents that
+ * follow each other from the op's offset. They are copied before the call
+ * returns. The library trims them to the requested range (one extent for
+ * NBDKIT_FLAG_REQ_ONE) and skips empty ones; none left covering the
+ * offset answers EIO. At most 65536 are sent; the client asks again for
+ * the rest.
+ *
+ * Thread-safe, exactly once per op, like `nbdkit_reply`.
+ *
+ * # Safety
+ * `extents` must point to `n` readable `nbdkit_extent`s.
+ */
+int nbdkit_reply_extents(struct nbdkit_op *op, const struct nbdkit_extent *extents, size_t n);
+
+/**
+ * Answers a read op whose buffer holds the data, saying which parts are
+ * holes: extents with NBDKIT_EXTENT_ZERO are sent to the client as holes
+ * (no data on the wire) when structured replies are on; otherwise, or
+ * when the client asked for one chunk (DF), the library zeroes them in
+ * the buffer and sends it whole. The extents must cover exactly the
+ * read's count. They are copied before the call returns.
+ *
+ * Thread-safe, exactly once per op, like `nbdkit_reply`.
+ *
+ * # Safety
+ * `extents` must point to `n` readable `nbdkit_extent`s.
+ */
+int nbdkit_reply_read_extents(struct nbdkit_op *op, const struct nbdkit_extent *extents, size_t n);
 
 /**
  * Creates a server for `plugin`.

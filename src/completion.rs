@@ -52,6 +52,10 @@ pub enum Outcome {
     Data(Vec<u8>),
     /// Failure with a host errno.
     Error(i32),
+    /// Block status: (length, NBDKIT_EXTENT_* bits) from the op's offset.
+    Extents(Vec<(u64, u32)>),
+    /// Success of a READ whose buffer holds the data, with its holes marked.
+    SparseRead(Vec<(u64, u32)>),
 }
 
 #[derive(Debug)]

@@ -11,7 +11,7 @@ use crate::completion::Token;
 use crate::ffi::plugin::*;
 use crate::ffi::sync_plugin::nbdkit_plugin;
 use crate::worker_pool::{Job, SyncIo, ThreadModel, WorkerPool};
-use crate::protocol::transmission::{ExportCaps, FuaMode};
+use crate::protocol::transmission::{ExportCaps, FuaMode, MAX_PAYLOAD};
 
 /// The plugin's per-connection handle from `open`.
 #[derive(Clone, Copy, Debug)]
@@ -26,6 +26,7 @@ pub enum Io {
     Trim,
     Zero,
     Cache,
+    Extents,
 }
 
 pub struct Plugin {
@@ -142,7 +143,41 @@ impl Plugin {
             Io::Trim => r.trim.is_some(),
             Io::Zero => r.zero.is_some(),
             Io::Cache => r.cache.is_some(),
+            Io::Extents => r.extents.is_some(),
         }
+    }
+
+    /// Does the plugin report allocation (base:allocation)?
+    pub fn has_extents(&self) -> bool {
+        self.has(Io::Extents)
+    }
+
+    /// Does the plugin list its own exports?
+    pub fn lists_exports(&self) -> bool {
+        self.raw.list_exports.is_some()
+    }
+
+    /// The plugin's export list, for NBD_OPT_LIST.
+    pub fn list_exports(&self) -> Result<Vec<(String, String)>, i32> {
+        let Some(list_exports) = self.raw.list_exports else { return Ok(Vec::new()) };
+        let mut list = crate::ffi::plugin::ExportList::default();
+        clear_errno();
+        // SAFETY: plugin contract; `list` outlives the call.
+        let r = unsafe { list_exports(self.user_data, (&mut list as *mut crate::ffi::plugin::ExportList).cast()) };
+        if r < 0 { Err(failure_errno()) } else { Ok(list.items) }
+    }
+
+    /// The open export's own description, if the plugin gives one.
+    pub fn export_description(&self, h: Handle) -> Option<String> {
+        let f = self.raw.export_description?;
+        // SAFETY: plugin contract: NULL or a C string valid while h is open.
+        let p = unsafe { f(h.0) };
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: as above.
+        let s = unsafe { CStr::from_ptr(p) }.to_string_lossy();
+        (s.len() <= 4096).then(|| s.into_owned())
     }
 
     pub fn open(&self, readonly: bool, export_name: &str) -> Result<Handle, i32> {
@@ -194,17 +229,45 @@ impl Plugin {
                 _ => return Err(failure_errno()),
             },
         };
+        let can_zero = writable && self.has(Io::Zero) && ask(raw.can_zero, true)?;
         Ok(ExportCaps {
             size: size as u64,
             writable,
             can_flush,
             can_trim: writable && self.has(Io::Trim) && ask(raw.can_trim, true)?,
-            can_zero: writable && self.has(Io::Zero) && ask(raw.can_zero, true)?,
+            can_zero,
+            can_fast_zero: can_zero && ask(raw.can_fast_zero, false)?,
+            block_size: self.block_size(h)?,
+            base_allocation: false,
             can_cache: self.has(Io::Cache) && ask(raw.can_cache, true)?,
             can_multi_conn: ask(raw.can_multi_conn, false)?,
             fua,
             structured_replies,
         })
+    }
+
+    /// The plugin's block size constraints, checked, or the defaults.
+    fn block_size(&self, h: Handle) -> Result<(u32, u32, u32), i32> {
+        let Some(f) = self.raw.block_size else { return Ok((1, 4096, MAX_PAYLOAD)) };
+        let (mut min, mut pref, mut max) = (0u32, 0u32, 0u32);
+        clear_errno();
+        // SAFETY: plugin contract; the out pointers are live locals.
+        if unsafe { f(h.0, &mut min, &mut pref, &mut max) } < 0 {
+            return Err(failure_errno());
+        }
+        let valid = min.is_power_of_two()
+            && min <= 65536
+            && pref.is_power_of_two()
+            && pref >= min
+            && max >= min
+            && max % min == 0;
+        if !valid {
+            log::error!("{}: invalid block sizes {min}/{pref}/{max}", self.name);
+            return Err(libc::EINVAL);
+        }
+        // Above our payload limit, round down to a multiple of the minimum.
+        let max = if max > MAX_PAYLOAD { MAX_PAYLOAD - MAX_PAYLOAD % min } else { max };
+        Ok((min, pref.min(max.max(min)), max))
     }
 
     /// Tells the plugin an op is no longer wanted (it must still reply).
@@ -236,6 +299,7 @@ impl Plugin {
                 Io::Trim => r.trim.unwrap()(op, h.0, count, offset, flags),
                 Io::Zero => r.zero.unwrap()(op, h.0, count, offset, flags),
                 Io::Cache => r.cache.unwrap()(op, h.0, count, offset, flags),
+                Io::Extents => r.extents.unwrap()(op, h.0, count, offset, flags),
             }
         };
         if status == 0 { Ok(()) } else { Err(failure_errno()) }

@@ -73,6 +73,8 @@ impl SyncIo {
             Io::Trim => self.trim.is_some(),
             Io::Zero => self.zero.is_some(),
             Io::Cache => self.cache.is_some(),
+            // Synchronous plugins do not report allocation (yet).
+            Io::Extents => false,
         }
     }
 
@@ -92,6 +94,7 @@ impl SyncIo {
                 Io::Trim => self.trim.unwrap()(h, j.count, j.offset, j.flags),
                 Io::Zero => self.zero.unwrap()(h, j.count, j.offset, j.flags),
                 Io::Cache => self.cache.unwrap()(h, j.count, j.offset, j.flags),
+                Io::Extents => unreachable!("never offered by a synchronous plugin"),
             }
         };
         if r == 0 {

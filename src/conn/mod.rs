@@ -13,7 +13,7 @@ use std::time::Instant;
 use crate::completion::{OpTable, Outcome, Token};
 use crate::config::Config;
 use crate::deadlines::Deadlines;
-use crate::ffi::plugin::{NBDKIT_FLAG_FUA, NBDKIT_FLAG_MAY_TRIM};
+use crate::ffi::plugin::{NBDKIT_EXTENT_ZERO, NBDKIT_FLAG_FAST_ZERO, NBDKIT_FLAG_FUA, NBDKIT_FLAG_MAY_TRIM, NBDKIT_FLAG_REQ_ONE};
 use crate::plugin::{Handle, Io, Plugin};
 use crate::protocol::codec::{self, RequestHeader};
 use crate::protocol::consts::*;
@@ -313,6 +313,7 @@ impl Connection {
                     HsOutcome::Done(negotiated) => {
                         let mut caps = self.caps.expect("set by resolve");
                         caps.structured_replies = negotiated.structured_replies;
+                        caps.base_allocation = negotiated.contexts.contains(&CONTEXT_BASE_ALLOCATION_ID);
                         self.caps = Some(caps);
                         log::debug!(
                             "connection {}: export {:?} size {} flags {:#x}{}",
@@ -368,8 +369,15 @@ impl Connection {
             CMD_WRITE_ZEROES if h.flags & CMD_FLAG_NO_HOLE != 0 => (Io::Zero, 0),
             CMD_WRITE_ZEROES => (Io::Zero, NBDKIT_FLAG_MAY_TRIM),
             CMD_CACHE => (Io::Cache, 0),
+            CMD_BLOCK_STATUS => (Io::Extents, 0),
             _ => unreachable!("validated"),
         };
+        if h.flags & CMD_FLAG_REQ_ONE != 0 {
+            flags |= NBDKIT_FLAG_REQ_ONE;
+        }
+        if h.flags & CMD_FLAG_FAST_ZERO != 0 {
+            flags |= NBDKIT_FLAG_FAST_ZERO;
+        }
         let fua = h.flags & CMD_FLAG_FUA != 0 && matches!(io, Io::Write | Io::Trim | Io::Zero);
         if fua && caps.fua == FuaMode::Native {
             flags |= NBDKIT_FLAG_FUA;
@@ -477,42 +485,78 @@ impl Connection {
         self.held_bytes -= op.held_bytes();
     }
 
-    fn finish(&mut self, op: Op, outcome: Outcome) {
+    fn finish(&mut self, mut op: Op, outcome: Outcome) {
         self.release(&op);
         if self.stream.is_none() {
             return; // client gone: the reply has nowhere to go
         }
         let header = op.header();
-        let result = match outcome {
-            Outcome::Done => Ok(op.buf),
-            Outcome::Data(data) if op.cmd == CMD_READ && data.len() == op.count as usize => Ok(data),
-            Outcome::Data(data) => {
-                log::error!(
-                    "plugin misuse: nbdkit_reply_read with {} bytes for {} of {} bytes; answering EIO",
-                    data.len(),
-                    cmd_name(op.cmd),
-                    op.count
-                );
-                Err(libc::EIO)
-            }
-            Outcome::Error(errno) => Err(errno),
+        let misuse = |what: &str| {
+            log::error!("plugin misuse: {what} for {} of {} bytes; answering EIO", cmd_name(header.cmd), header.length);
+            Err(libc::EIO)
         };
-        match result {
-            Ok(data) if op.cmd == CMD_READ => {
-                let structured = self.caps.is_some_and(|c| c.structured_replies);
-                let h = if structured {
-                    codec::structured_read_data(op.cookie, op.offset, op.count)
-                } else {
-                    codec::simple_reply(op.cookie, 0)
-                };
-                self.output.push_reply(h, data);
+        let result = match (op.cmd, outcome) {
+            (_, Outcome::Error(errno)) => Err(errno),
+            (CMD_READ, Outcome::Done) => Ok(self.send_read(op, &[])),
+            (CMD_READ, Outcome::Data(data)) if data.len() == op.count as usize => {
+                op.buf = data;
+                Ok(self.send_read(op, &[]))
             }
-            Ok(_) => self.output.push_reply(codec::simple_reply(op.cookie, 0), Vec::new()),
-            Err(errno) => {
-                log::debug!("{} cookie {:#x} failed: {}", cmd_name(op.cmd), op.cookie, io::Error::from_raw_os_error(errno));
-                self.queue_error(&header, nbd_errno(errno, op.flags));
+            (CMD_READ, Outcome::SparseRead(extents)) => match covers_exactly(&extents, op.count) {
+                true => Ok(self.send_read(op, &extents)),
+                false => misuse("nbdkit_reply_read_extents not covering the read"),
+            },
+            (CMD_BLOCK_STATUS, Outcome::Extents(extents)) => match clip_extents(&extents, &op) {
+                Some(descriptors) => Ok(self.send_block_status(&op, &descriptors)),
+                None => misuse("nbdkit_reply_extents without an extent at the offset"),
+            },
+            (CMD_READ | CMD_BLOCK_STATUS, _) => misuse("a reply without data"),
+            (_, Outcome::Done) => Ok(self.output.push_reply(codec::simple_reply(op.cookie, 0), Vec::new())),
+            (_, _) => misuse("a data reply"),
+        };
+        if let Err(errno) = result {
+            log::debug!("{} cookie {:#x} failed: {}", cmd_name(header.cmd), header.cookie, io::Error::from_raw_os_error(errno));
+            self.queue_error(&header, nbd_errno(errno, header.flags));
+        }
+    }
+
+    /// Sends a successful READ. Ranges marked zero in `extents` go out as
+    /// holes when the client takes structured replies in several chunks;
+    /// otherwise they are zeroed in the buffer, which goes out whole.
+    fn send_read(&mut self, mut op: Op, extents: &[(u64, u32)]) {
+        let structured = self.caps.is_some_and(|c| c.structured_replies);
+        let chunks = structured && op.flags & CMD_FLAG_DF == 0;
+        let runs = zero_runs(extents);
+        if !chunks || runs.iter().all(|r| !r.2) {
+            for &(start, len, zero) in &runs {
+                if zero {
+                    op.buf[start..start + len].fill(0);
+                }
+            }
+            let h = if structured {
+                codec::structured_data_chunk(op.cookie, true, op.offset, op.count)
+            } else {
+                codec::simple_reply(op.cookie, 0)
+            };
+            self.output.push_reply(h, op.buf);
+            return;
+        }
+        let buf = std::rc::Rc::new(op.buf);
+        let last = runs.len() - 1;
+        for (i, &(start, len, zero)) in runs.iter().enumerate() {
+            let offset = op.offset + start as u64;
+            if zero {
+                self.output.push_reply(codec::structured_hole_chunk(op.cookie, i == last, offset, len as u32), Vec::new());
+            } else {
+                let h = codec::structured_data_chunk(op.cookie, i == last, offset, len as u32);
+                self.output.push_shared(h, buf.clone(), start..start + len);
             }
         }
+    }
+
+    fn send_block_status(&mut self, op: &Op, descriptors: &[(u32, u32)]) {
+        let h = codec::structured_block_status(op.cookie, CONTEXT_BASE_ALLOCATION_ID, descriptors.len());
+        self.output.push_reply(h, codec::block_descriptors(descriptors));
     }
 
     fn queue_error(&mut self, h: &RequestHeader, nbd_error: u32) {
@@ -540,6 +584,55 @@ impl Connection {
     }
 }
 
+/// Most block-status descriptors sent in one reply; clients ask again
+/// for the rest.
+const MAX_DESCRIPTORS: usize = 65536;
+
+/// Do non-empty extents add up to exactly `count` bytes?
+fn covers_exactly(extents: &[(u64, u32)], count: u32) -> bool {
+    let mut total: u64 = 0;
+    for &(len, _) in extents {
+        total = match total.checked_add(len) {
+            Some(t) => t,
+            None => return false,
+        };
+    }
+    total == count as u64
+}
+
+/// A read's extents as (start in buffer, length, reads-as-zero) runs,
+/// adjacent runs of one kind merged.
+fn zero_runs(extents: &[(u64, u32)]) -> Vec<(usize, usize, bool)> {
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    let mut pos = 0usize;
+    for &(len, ty) in extents.iter().filter(|e| e.0 > 0) {
+        let zero = ty & NBDKIT_EXTENT_ZERO != 0;
+        match runs.last_mut() {
+            Some(last) if last.2 == zero => last.1 += len as usize,
+            _ => runs.push((pos, len as usize, zero)),
+        }
+        pos += len as usize;
+    }
+    runs
+}
+
+/// The plugin's extents as wire descriptors: empty ones skipped, the
+/// last cut at the end of the request, one only for REQ_ONE, at most
+/// MAX_DESCRIPTORS. `None` when nothing covers the request's offset.
+fn clip_extents(extents: &[(u64, u32)], op: &Op) -> Option<Vec<(u32, u32)>> {
+    let mut left = op.count as u64;
+    let mut out = Vec::new();
+    for &(len, ty) in extents.iter().filter(|e| e.0 > 0) {
+        let take = len.min(left);
+        out.push((take as u32, ty & (STATE_HOLE | STATE_ZERO)));
+        left -= take;
+        if left == 0 || op.flags & CMD_FLAG_REQ_ONE != 0 || out.len() == MAX_DESCRIPTORS {
+            break;
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 /// Export selection for the handshake, backed by the plugin.
 struct Resolver<'a, 'b> {
     ctx: &'a mut Ctx<'b>,
@@ -551,17 +644,15 @@ impl ExportResolver for Resolver<'_, '_> {
     fn resolve(&mut self, name: &str, purpose: Purpose) -> Result<ExportInfo, u32> {
         let config = self.ctx.config;
         let plugin = self.ctx.plugin;
-        if !name.is_empty() && name != config.export_name {
-            return Err(REP_ERR_UNKNOWN);
-        }
+        let name = canonical_export(config, plugin, name)?;
         let refuse = |errno: i32| {
-            log::debug!("export {:?}: {}", config.export_name, io::Error::from_raw_os_error(errno));
+            log::debug!("export {name:?}: {}", io::Error::from_raw_os_error(errno));
             match errno {
                 libc::EPERM | libc::EACCES => REP_ERR_POLICY,
                 _ => REP_ERR_UNKNOWN,
             }
         };
-        let handle = plugin.open(config.readonly, &config.export_name).map_err(refuse)?;
+        let handle = plugin.open(config.readonly, name).map_err(refuse)?;
         let caps = match plugin.caps(handle, config.readonly, false) {
             Ok(c) => c,
             Err(e) => {
@@ -570,11 +661,11 @@ impl ExportResolver for Resolver<'_, '_> {
             }
         };
         let info = ExportInfo {
-            name: config.export_name.clone(),
-            description: config.export_description.clone(),
+            name: name.to_string(),
+            description: plugin.export_description(handle).or_else(|| config.export_description.clone()),
             size: caps.size,
             flags: caps.transmission_flags(),
-            block_size: (1, 4096, crate::protocol::transmission::MAX_PAYLOAD),
+            block_size: caps.block_size,
         };
         match purpose {
             Purpose::Info => plugin.close(handle),
@@ -590,6 +681,34 @@ impl ExportResolver for Resolver<'_, '_> {
 
     fn list(&mut self) -> Vec<(String, String)> {
         let c = self.ctx.config;
-        vec![(c.export_name.clone(), c.export_description.clone().unwrap_or_default())]
+        if !self.ctx.plugin.lists_exports() {
+            return vec![(c.export_name.clone(), c.export_description.clone().unwrap_or_default())];
+        }
+        self.ctx.plugin.list_exports().unwrap_or_else(|e| {
+            log::warn!("list_exports failed: {}", io::Error::from_raw_os_error(e));
+            Vec::new()
+        })
+    }
+
+    fn contexts(&mut self, name: &str) -> Result<Vec<(u32, &'static str)>, u32> {
+        canonical_export(self.ctx.config, self.ctx.plugin, name)?;
+        let mut v = Vec::new();
+        if self.ctx.plugin.has_extents() {
+            v.push((CONTEXT_BASE_ALLOCATION_ID, CONTEXT_BASE_ALLOCATION));
+        }
+        Ok(v)
+    }
+}
+
+/// The export a client's name stands for: "" is the default export; other
+/// names must be the configured one, unless the plugin lists its own
+/// exports (then its `open` judges them).
+fn canonical_export<'n>(config: &'n Config, plugin: &Plugin, name: &'n str) -> Result<&'n str, u32> {
+    if name.is_empty() {
+        Ok(&config.export_name)
+    } else if name == config.export_name || plugin.lists_exports() {
+        Ok(name)
+    } else {
+        Err(REP_ERR_UNKNOWN)
     }
 }

@@ -2,6 +2,8 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::ops::Range;
+use std::rc::Rc;
 
 use super::stream::{interrupted, Stream};
 use crate::protocol::codec::ReplyHeader;
@@ -12,6 +14,8 @@ const MAX_FRAMES_PER_WRITE: usize = 64;
 enum Frame {
     /// A reply header and its payload (read data, possibly empty).
     Reply(ReplyHeader, Vec<u8>),
+    /// A reply header and part of a buffer shared with other chunks.
+    Shared(ReplyHeader, Rc<Vec<u8>>, Range<usize>),
     /// Raw handshake bytes.
     Bytes(Vec<u8>),
 }
@@ -20,6 +24,7 @@ impl Frame {
     fn parts(&self) -> (&[u8], &[u8]) {
         match self {
             Frame::Reply(h, p) => (h.as_bytes(), p),
+            Frame::Shared(h, p, r) => (h.as_bytes(), &p[r.clone()]),
             Frame::Bytes(b) => (b, &[]),
         }
     }
@@ -45,6 +50,12 @@ impl Output {
 
     pub fn push_reply(&mut self, header: ReplyHeader, payload: Vec<u8>) {
         let f = Frame::Reply(header, payload);
+        self.bytes += f.len();
+        self.frames.push_back(f);
+    }
+
+    pub fn push_shared(&mut self, header: ReplyHeader, buf: Rc<Vec<u8>>, range: Range<usize>) {
+        let f = Frame::Shared(header, buf, range);
         self.bytes += f.len();
         self.frames.push_back(f);
     }

@@ -20,6 +20,36 @@ pub const NBDKIT_FLAG_FUA: u32 = 1 << 1;
 /// send NBD_CMD_FLAG_NO_HOLE).
 pub const NBDKIT_FLAG_MAY_TRIM: u32 = 1 << 0;
 
+/// `zero` must fail fast with ENOTSUP rather than write zeroes slowly
+/// (the client sent NBD_CMD_FLAG_FAST_ZERO).
+pub const NBDKIT_FLAG_FAST_ZERO: u32 = 1 << 3;
+/// `extents`: the client wants just one extent (NBD_CMD_FLAG_REQ_ONE).
+pub const NBDKIT_FLAG_REQ_ONE: u32 = 1 << 2;
+
+/// `nbdkit_extent.type` bit: the range is not allocated.
+pub const NBDKIT_EXTENT_HOLE: u32 = 1 << 0;
+/// `nbdkit_extent.type` bit: the range reads as zeroes.
+pub const NBDKIT_EXTENT_ZERO: u32 = 1 << 1;
+
+/// A run of bytes with one allocation state, in a reply to `extents` or
+/// a sparse read. Extents follow each other from the op's offset.
+///
+/// cbindgen:field-names=[length, type]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct nbdkit_extent {
+    /// Bytes in this run (runs of 0 bytes are skipped).
+    pub length: u64,
+    /// NBDKIT_EXTENT_HOLE and/or NBDKIT_EXTENT_ZERO, or 0 for data.
+    pub type_: u32,
+}
+
+/// The export list being built by a `list_exports` callback; add to it
+/// with `nbdkit_add_export`. Valid only during that callback.
+pub struct nbdkit_exports {
+    _private: [u8; 0],
+}
+
 /// `can_fua` result: FUA is not offered to clients.
 pub const NBDKIT_FUA_NONE: c_int = 0;
 /// `can_fua` result: the library emulates FUA by calling `flush` after the
@@ -126,4 +156,75 @@ pub struct nbdkit_plugin_lowlevel {
     /// gateway can abort the upstream request. The op must still be replied
     /// to exactly once (any reply will do; ECANCELED is customary). May be NULL.
     pub cancel: Option<unsafe extern "C" fn(op: *mut nbdkit_op, handle: *mut c_void)>,
+
+    /// Reports allocation in `count` bytes at `offset` (NBD_CMD_BLOCK_STATUS
+    /// with the base:allocation context). `flags` may hold NBDKIT_FLAG_REQ_ONE.
+    /// If NULL, clients are not offered base:allocation.
+    /// Valid replies: `nbdkit_reply_extents`, `nbdkit_reply_error`.
+    pub extents: Option<
+        unsafe extern "C" fn(op: *mut nbdkit_op, handle: *mut c_void, count: u32, offset: u64, flags: u32) -> c_int,
+    >,
+    /// Can `zero` honour NBDKIT_FLAG_FAST_ZERO (fail at once with ENOTSUP
+    /// when zeroing would be slow)? Default: no, and the flag is not offered.
+    pub can_fast_zero: Option<unsafe extern "C" fn(handle: *mut c_void) -> c_int>,
+    /// Block size constraints: minimum (a power of 2, at most 64 KiB),
+    /// preferred (a power of 2) and maximum (a multiple of the minimum; the
+    /// library caps it at 32 MiB). Return 0 or -1. Requests breaking them
+    /// are refused with EINVAL before the plugin sees them. Default 1 /
+    /// 4096 / 32 MiB.
+    pub block_size: Option<
+        unsafe extern "C" fn(handle: *mut c_void, minimum: *mut u32, preferred: *mut u32, maximum: *mut u32) -> c_int,
+    >,
+    /// Lists the exports for NBD_OPT_LIST with `nbdkit_add_export`. Return
+    /// 0 or -1. When set, every export name a client asks for is passed to
+    /// `open` (which refuses unknown ones with ENOENT); "" still means the
+    /// name set with `nbdkit_server_set_export_name`. When NULL, the server
+    /// has the one export of that name.
+    pub list_exports: Option<unsafe extern "C" fn(user_data: *mut c_void, exports: *mut nbdkit_exports) -> c_int>,
+    /// The description of the open export (NBD_INFO_DESCRIPTION), or NULL.
+    /// The string must stay valid until the handle is closed. Default: the
+    /// server's description.
+    pub export_description: Option<unsafe extern "C" fn(handle: *mut c_void) -> *const c_char>,
+}
+
+/// The Rust side of `nbdkit_exports`.
+#[derive(Default)]
+pub(crate) struct ExportList {
+    pub items: Vec<(String, String)>,
+}
+
+/// Most exports one list may hold: the whole list goes into one reply.
+const MAX_EXPORTS: usize = 10_000;
+
+/// Adds an export to the list a `list_exports` callback is building.
+/// `name` must be at most 4096 bytes of UTF-8; `description` may be NULL.
+/// Both are copied. Call only from inside `list_exports`, on its thread.
+///
+/// Returns 0, or -EINVAL (bad arguments) or -E2BIG (more than 10000 exports).
+///
+/// # Safety
+/// `exports` must be the pointer `list_exports` received; the strings must
+/// be NUL-terminated.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nbdkit_add_export(exports: *mut nbdkit_exports, name: *const c_char, description: *const c_char) -> c_int {
+    super::guard("nbdkit_add_export", -libc::EIO, || {
+        // SAFETY: the caller passes the list it was given.
+        let Some(list) = (unsafe { exports.cast::<ExportList>().as_mut() }) else { return -libc::EINVAL };
+        let text = |p: *const c_char| -> Option<String> {
+            // SAFETY: the caller passes NUL-terminated strings.
+            let s = unsafe { std::ffi::CStr::from_ptr(p) }.to_str().ok()?;
+            (s.len() <= 4096).then(|| s.to_string())
+        };
+        if name.is_null() {
+            return -libc::EINVAL;
+        }
+        let Some(name) = text(name) else { return -libc::EINVAL };
+        let description = if description.is_null() { Some(String::new()) } else { text(description) };
+        let Some(description) = description else { return -libc::EINVAL };
+        if list.items.len() >= MAX_EXPORTS {
+            return -libc::E2BIG;
+        }
+        list.items.push((name, description));
+        0
+    })
 }

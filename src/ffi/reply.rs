@@ -2,7 +2,7 @@
 
 use std::ffi::{c_int, c_void};
 
-use super::plugin::nbdkit_op;
+use super::plugin::{nbdkit_extent, nbdkit_op};
 use super::{guard, neg};
 use crate::completion::{self, Outcome, ReplyError, Token};
 
@@ -78,4 +78,63 @@ pub extern "C" fn nbdkit_reply_error(op: *mut nbdkit_op, errnum: c_int) -> c_int
         let errnum = if errnum <= 0 { libc::EIO } else { errnum };
         reply(op, Outcome::Error(errnum))
     })
+}
+
+/// Answers a block-status op (`extents` callback) with `n` extents that
+/// follow each other from the op's offset. They are copied before the call
+/// returns. The library trims them to the requested range (one extent for
+/// NBDKIT_FLAG_REQ_ONE) and skips empty ones; none left covering the
+/// offset answers EIO. At most 65536 are sent; the client asks again for
+/// the rest.
+///
+/// Thread-safe, exactly once per op, like `nbdkit_reply`.
+///
+/// # Safety
+/// `extents` must point to `n` readable `nbdkit_extent`s.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nbdkit_reply_extents(op: *mut nbdkit_op, extents: *const nbdkit_extent, n: usize) -> c_int {
+    guard("nbdkit_reply_extents", neg(libc::EIO), || {
+        // SAFETY: forwarded from the caller.
+        match unsafe { copy_extents(extents, n) } {
+            Some(v) => reply(op, Outcome::Extents(v)),
+            None => reply(op, Outcome::Error(libc::EIO)),
+        }
+    })
+}
+
+/// Answers a read op whose buffer holds the data, saying which parts are
+/// holes: extents with NBDKIT_EXTENT_ZERO are sent to the client as holes
+/// (no data on the wire) when structured replies are on; otherwise, or
+/// when the client asked for one chunk (DF), the library zeroes them in
+/// the buffer and sends it whole. The extents must cover exactly the
+/// read's count. They are copied before the call returns.
+///
+/// Thread-safe, exactly once per op, like `nbdkit_reply`.
+///
+/// # Safety
+/// `extents` must point to `n` readable `nbdkit_extent`s.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nbdkit_reply_read_extents(op: *mut nbdkit_op, extents: *const nbdkit_extent, n: usize) -> c_int {
+    guard("nbdkit_reply_read_extents", neg(libc::EIO), || {
+        // SAFETY: forwarded from the caller.
+        match unsafe { copy_extents(extents, n) } {
+            Some(v) => reply(op, Outcome::SparseRead(v)),
+            None => reply(op, Outcome::Error(libc::EIO)),
+        }
+    })
+}
+
+/// Most extents a reply may carry from the plugin.
+const MAX_EXTENTS_IN: usize = 1 << 20;
+
+/// # Safety
+/// `p` must point to `n` readable extents (or be NULL with n == 0).
+unsafe fn copy_extents(p: *const nbdkit_extent, n: usize) -> Option<Vec<(u64, u32)>> {
+    if p.is_null() || n == 0 || n > MAX_EXTENTS_IN {
+        log::error!("plugin misuse: {n} extents at {p:?}; answering EIO");
+        return None;
+    }
+    // SAFETY: the caller promises n readable extents.
+    let slice = unsafe { std::slice::from_raw_parts(p, n) };
+    Some(slice.iter().map(|e| (e.length, e.type_)).collect())
 }

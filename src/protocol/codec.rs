@@ -88,12 +88,38 @@ fn structured_header(cookie: u64, flags: u16, ty: u16, payload_len: u32) -> [u8;
     b
 }
 
-/// Final NBD_REPLY_TYPE_OFFSET_DATA chunk header; `data_len` bytes of data follow.
-pub fn structured_read_data(cookie: u64, offset: u64, data_len: u32) -> ReplyHeader {
+/// NBD_REPLY_TYPE_OFFSET_DATA chunk header, not necessarily the last;
+/// `data_len` bytes of data follow.
+pub fn structured_data_chunk(cookie: u64, done: bool, offset: u64, data_len: u32) -> ReplyHeader {
+    let flags = if done { REPLY_FLAG_DONE } else { 0 };
+    ReplyHeader::new(&[&structured_header(cookie, flags, REPLY_TYPE_OFFSET_DATA, 8 + data_len), &offset.to_be_bytes()])
+}
+
+/// NBD_REPLY_TYPE_OFFSET_HOLE chunk: `len` bytes of zeroes at `offset`.
+pub fn structured_hole_chunk(cookie: u64, done: bool, offset: u64, len: u32) -> ReplyHeader {
+    let flags = if done { REPLY_FLAG_DONE } else { 0 };
     ReplyHeader::new(&[
-        &structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 8 + data_len),
+        &structured_header(cookie, flags, REPLY_TYPE_OFFSET_HOLE, 12),
         &offset.to_be_bytes(),
+        &len.to_be_bytes(),
     ])
+}
+
+/// Final NBD_REPLY_TYPE_BLOCK_STATUS chunk header for one context;
+/// `count` descriptors of 8 bytes (see [`block_descriptors`]) follow.
+pub fn structured_block_status(cookie: u64, context_id: u32, count: usize) -> ReplyHeader {
+    let len = 4 + 8 * count as u32;
+    ReplyHeader::new(&[&structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, len), &context_id.to_be_bytes()])
+}
+
+/// Block status descriptors: (length, NBD_STATE_* flags) pairs.
+pub fn block_descriptors(extents: &[(u32, u32)]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 * extents.len());
+    for &(len, flags) in extents {
+        v.extend_from_slice(&len.to_be_bytes());
+        v.extend_from_slice(&flags.to_be_bytes());
+    }
+    v
 }
 
 /// Final NBD_REPLY_TYPE_NONE chunk: success with nothing to say.
@@ -158,7 +184,7 @@ mod tests {
 
     #[test]
     fn structured_read_layout() {
-        let r = structured_read_data(9, 512, 4096);
+        let r = structured_data_chunk(9, true, 512, 4096);
         let b = r.as_bytes();
         assert_eq!(b.len(), 28);
         assert_eq!(be_u32(&b[0..4]), STRUCTURED_REPLY_MAGIC);

@@ -58,6 +58,7 @@ pub(crate) const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub(crate) const FLAG_SEND_DF: u16 = 1 << 7;
 pub(crate) const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 pub(crate) const FLAG_SEND_CACHE: u16 = 1 << 10;
+pub(crate) const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 // Transmission.
 pub(crate) const REQUEST_MAGIC: u32 = 0x2560_9513;
@@ -82,7 +83,16 @@ pub(crate) const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 pub(crate) const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub(crate) const REPLY_TYPE_NONE: u16 = 0;
 pub(crate) const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub(crate) const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub(crate) const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 pub(crate) const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
+
+// Meta contexts: the one we serve, and its status bits.
+pub(crate) const CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
+/// Our id for base:allocation (ids are the server's choice).
+pub(crate) const CONTEXT_BASE_ALLOCATION_ID: u32 = 1;
+pub(crate) const STATE_HOLE: u32 = 1 << 0;
+pub(crate) const STATE_ZERO: u32 = 1 << 1;
 
 // Errors on the wire (a subset of Linux errno values, fixed by the spec).
 pub(crate) const NBD_EPERM: u32 = 1;

@@ -77,6 +77,12 @@ impl ExportResolver for AnyExport {
     fn list(&mut self) -> Vec<(String, String)> {
         vec![("a".into(), "b".into())]
     }
+    fn contexts(&mut self, name: &str) -> Result<Vec<(u32, &'static str)>, u32> {
+        if name.len() > 10 {
+            return Err(REP_ERR_UNKNOWN);
+        }
+        Ok(vec![(CONTEXT_BASE_ALLOCATION_ID, CONTEXT_BASE_ALLOCATION)])
+    }
 }
 
 fn option(opt: u32, data: &[u8]) -> Vec<u8> {
@@ -100,6 +106,8 @@ fn valid_handshake(rng: &mut Rng) -> Vec<u8> {
         option(OPT_INFO, &go),
         option(99, &rng.bytes(10)),
         option(OPT_STARTTLS, &[]),
+        option(OPT_SET_META_CONTEXT, b"\0\0\0\x01x\0\0\0\x01\0\0\0\x0fbase:allocation"),
+        option(OPT_LIST_META_CONTEXT, b"\0\0\0\0\0\0\0\0"),
     ];
     for _ in 0..rng.below(4) {
         v.extend_from_slice(&choices[rng.below(choices.len())]);
@@ -148,8 +156,11 @@ fn request_reader_survives_mutated_input() {
         can_zero: true,
         can_cache: false,
         can_multi_conn: false,
+        can_fast_zero: true,
         fua: FuaMode::Emulate,
+        block_size: (1, 4096, 1 << 25),
         structured_replies: true,
+        base_allocation: true,
     };
     for _ in 0..iterations() {
         let mut stream = Vec::new();

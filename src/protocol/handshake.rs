@@ -43,6 +43,9 @@ pub trait ExportResolver {
     fn resolve(&mut self, name: &str, purpose: Purpose) -> Result<ExportInfo, u32>;
     /// Every export as (name, description), for NBD_OPT_LIST.
     fn list(&mut self) -> Vec<(String, String)>;
+    /// The meta contexts export `name` offers, as (id, name), or an
+    /// NBD_REP_ERR_* code if there is no such export.
+    fn contexts(&mut self, name: &str) -> Result<Vec<(u32, &'static str)>, u32>;
 }
 
 /// What the client and server agreed on when the handshake ends.
@@ -50,6 +53,8 @@ pub trait ExportResolver {
 pub struct Negotiated {
     pub export: ExportInfo,
     pub structured_replies: bool,
+    /// Meta context ids selected with NBD_OPT_SET_META_CONTEXT for this export.
+    pub contexts: Vec<u32>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -80,6 +85,8 @@ pub struct Handshake {
     structured_replies: bool,
     options_seen: u32,
     shutting_down: bool,
+    /// The last NBD_OPT_SET_META_CONTEXT: its export and the ids chosen.
+    selected: Option<(String, Vec<u32>)>,
 }
 
 impl Handshake {
@@ -95,6 +102,7 @@ impl Handshake {
             structured_replies: false,
             options_seen: 0,
             shutting_down: false,
+            selected: None,
         }
     }
 
@@ -279,10 +287,53 @@ impl Handshake {
                     Ok(info) => info,
                     Err(e) => return reply_err(out, e),
                 };
+                if opt == OPT_GO && info.block_size.0 > 1 && !requests.contains(&INFO_BLOCK_SIZE) {
+                    // A client that cannot hear our alignment could not honour it.
+                    return reply_err(out, REP_ERR_BLOCK_SIZE_REQD);
+                }
                 self.add_df(&mut info);
                 send_info(out, opt, &info, &requests);
                 option_reply(out, opt, REP_ACK, &[]);
-                if opt == OPT_GO { Some(self.done(info)) } else { None }
+                if opt == OPT_GO {
+                    // Contexts chosen for another export do not carry over.
+                    if self.selected.as_ref().is_some_and(|(export, _)| export != name) {
+                        self.selected = None;
+                    }
+                    Some(self.done(info))
+                } else {
+                    None
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = opt == OPT_SET_META_CONTEXT;
+                if set && !self.structured_replies {
+                    return reply_err(out, REP_ERR_INVALID);
+                }
+                let Some((name, queries)) = parse_meta_request(data) else {
+                    return reply_err(out, REP_ERR_INVALID);
+                };
+                let available = match exports.contexts(name) {
+                    Ok(c) => c,
+                    Err(e) => return reply_err(out, e),
+                };
+                let chosen: Vec<(u32, &str)> = available
+                    .into_iter()
+                    .filter(|(_, ctx)| {
+                        (queries.is_empty() && !set)
+                            || queries.iter().any(|q| q == ctx || (!set && ctx.split(':').next() == q.strip_suffix(':')))
+                    })
+                    .collect();
+                for (id, ctx) in &chosen {
+                    let mut payload = id.to_be_bytes().to_vec();
+                    payload.extend_from_slice(ctx.as_bytes());
+                    option_reply(out, opt, REP_META_CONTEXT, &payload);
+                }
+                option_reply(out, opt, REP_ACK, &[]);
+                if set {
+                    log::debug!("meta contexts selected: {:?}", chosen.iter().map(|c| c.1).collect::<Vec<_>>());
+                    self.selected = Some((name.to_string(), chosen.iter().map(|c| c.0).collect()));
+                }
+                None
             }
             _ => reply_err(out, REP_ERR_UNSUP),
         }
@@ -295,13 +346,58 @@ impl Handshake {
         }
     }
 
-    fn done(&self, export: ExportInfo) -> Outcome {
-        Outcome::Done(Negotiated { export, structured_replies: self.structured_replies })
+    fn done(&mut self, export: ExportInfo) -> Outcome {
+        let contexts = self.selected.take().map(|(_, ids)| ids).unwrap_or_default();
+        Outcome::Done(Negotiated { export, structured_replies: self.structured_replies, contexts })
     }
 }
 
 fn is_known_option(opt: u32) -> bool {
-    matches!(opt, OPT_EXPORT_NAME | OPT_ABORT | OPT_LIST | OPT_INFO | OPT_GO | OPT_STRUCTURED_REPLY)
+    matches!(
+        opt,
+        OPT_EXPORT_NAME
+            | OPT_ABORT
+            | OPT_LIST
+            | OPT_INFO
+            | OPT_GO
+            | OPT_STRUCTURED_REPLY
+            | OPT_LIST_META_CONTEXT
+            | OPT_SET_META_CONTEXT
+    )
+}
+
+/// A u32-length-prefixed string from the front of `rest`.
+fn take_string<'a>(rest: &mut &'a [u8]) -> Option<&'a str> {
+    if rest.len() < 4 {
+        return None;
+    }
+    let len = be_u32(&rest[0..4]) as usize;
+    if len > rest.len() - 4 {
+        return None;
+    }
+    let s = parse_string(&rest[4..4 + len])?;
+    *rest = &rest[4 + len..];
+    Some(s)
+}
+
+/// NBD_OPT_{LIST,SET}_META_CONTEXT payload: export name, then queries.
+fn parse_meta_request(data: &[u8]) -> Option<(&str, Vec<&str>)> {
+    let mut rest = data;
+    let name = take_string(&mut rest)?;
+    if rest.len() < 4 {
+        return None;
+    }
+    let count = be_u32(&rest[0..4]) as usize;
+    rest = &rest[4..];
+    // Each query takes at least 4 bytes: a lying count is caught here.
+    if count > rest.len() / 4 {
+        return None;
+    }
+    let mut queries = Vec::with_capacity(count);
+    for _ in 0..count {
+        queries.push(take_string(&mut rest)?);
+    }
+    rest.is_empty().then_some((name, queries))
 }
 
 /// A whole option payload as a string: valid UTF-8, no NUL, spec-bounded.
@@ -387,6 +483,12 @@ mod tests {
         }
         fn list(&mut self) -> Vec<(String, String)> {
             vec![("disk".into(), "a test disk".into())]
+        }
+        fn contexts(&mut self, name: &str) -> Result<Vec<(u32, &'static str)>, u32> {
+            if name.len() > 10 {
+                return Err(REP_ERR_UNKNOWN);
+            }
+            Ok(vec![(CONTEXT_BASE_ALLOCATION_ID, CONTEXT_BASE_ALLOCATION)])
         }
     }
 
@@ -622,5 +724,65 @@ mod tests {
         input.extend(option(OPT_EXPORT_NAME, b""));
         let (_, outcome) = hs.feed(&input, &mut Vec::new(), &mut ex);
         assert!(matches!(outcome, Outcome::Done(_)));
+    }
+
+    fn meta_request(name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut v = (name.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(name.as_bytes());
+        v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            v.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            v.extend_from_slice(q.as_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn meta_contexts_list_and_set() {
+        let (mut hs, mut ex) = start();
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
+        input.extend(option(OPT_SET_META_CONTEXT, &meta_request("", &["base:allocation"])));
+        input.extend(option(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(option(OPT_LIST_META_CONTEXT, &meta_request("", &[])));
+        input.extend(option(OPT_LIST_META_CONTEXT, &meta_request("", &["base:"])));
+        input.extend(option(OPT_LIST_META_CONTEXT, &meta_request("", &["qemu:dirty-bitmap:x"])));
+        input.extend(option(OPT_SET_META_CONTEXT, &meta_request("", &["base:", "base:allocation"])));
+        let mut bad = meta_request("", &["base:allocation"]);
+        bad[8..12].copy_from_slice(&100u32.to_be_bytes()); // more queries than bytes
+        input.extend(option(OPT_SET_META_CONTEXT, &bad));
+        input.extend(option(OPT_GO, &info_request("", &[])));
+        let mut out = Vec::new();
+        let (_, outcome) = hs.feed(&input, &mut out, &mut ex);
+        let Outcome::Done(n) = outcome else { panic!("{outcome:?}") };
+        let r: Vec<u32> = replies(&out).iter().map(|x| x.1).collect();
+        assert_eq!(
+            r[..12],
+            [
+                REP_ERR_INVALID, // SET before structured replies
+                REP_ACK,
+                REP_META_CONTEXT, REP_ACK, // LIST, no query: everything
+                REP_META_CONTEXT, REP_ACK, // LIST "base:"
+                REP_ACK, // LIST of something we do not have
+                REP_META_CONTEXT, REP_ACK, // SET: "base:" alone selects nothing
+                REP_ERR_INVALID, // the lying query count; the earlier selection stays
+                REP_INFO, REP_INFO,
+            ]
+        );
+        let meta = &replies(&out)[2].2;
+        assert_eq!(be_u32(&meta[0..4]), CONTEXT_BASE_ALLOCATION_ID);
+        assert_eq!(&meta[4..], b"base:allocation");
+        assert_eq!(n.contexts, vec![CONTEXT_BASE_ALLOCATION_ID]);
+    }
+
+    #[test]
+    fn contexts_for_another_export_are_dropped_at_go() {
+        let (mut hs, mut ex) = start();
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
+        input.extend(option(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(option(OPT_SET_META_CONTEXT, &meta_request("disk", &["base:allocation"])));
+        input.extend(option(OPT_GO, &info_request("", &[])));
+        let (_, outcome) = hs.feed(&input, &mut Vec::new(), &mut ex);
+        let Outcome::Done(n) = outcome else { panic!("{outcome:?}") };
+        assert!(n.contexts.is_empty());
     }
 }

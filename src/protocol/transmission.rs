@@ -27,8 +27,14 @@ pub struct ExportCaps {
     pub can_zero: bool,
     pub can_cache: bool,
     pub can_multi_conn: bool,
+    pub can_fast_zero: bool,
     pub fua: FuaMode,
+    /// Minimum, preferred and maximum block size.
+    pub block_size: (u32, u32, u32),
+    /// Negotiated in the handshake: structured replies, and whether the
+    /// client selected base:allocation (so may send BLOCK_STATUS).
     pub structured_replies: bool,
+    pub base_allocation: bool,
 }
 
 impl ExportCaps {
@@ -56,6 +62,9 @@ impl ExportCaps {
         }
         if self.can_cache {
             f |= FLAG_SEND_CACHE;
+        }
+        if self.writable && self.can_zero && self.can_fast_zero {
+            f |= FLAG_SEND_FAST_ZERO;
         }
         f
     }
@@ -212,8 +221,12 @@ pub fn validate(h: &RequestHeader, caps: &ExportCaps) -> Result<(), u32> {
     let only_for = |flag: u16, cmd: u16| h.flags & flag == 0 || h.cmd == cmd;
     if !only_for(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES)
         || !only_for(CMD_FLAG_DF, CMD_READ)
-        || h.flags & (CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO) != 0
+        || !only_for(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS)
+        || !only_for(CMD_FLAG_FAST_ZERO, CMD_WRITE_ZEROES)
     {
+        return Err(NBD_EINVAL);
+    }
+    if h.flags & CMD_FLAG_FAST_ZERO != 0 && !caps.can_fast_zero {
         return Err(NBD_EINVAL);
     }
     if h.flags & CMD_FLAG_DF != 0 && !caps.structured_replies {
@@ -228,6 +241,7 @@ pub fn validate(h: &RequestHeader, caps: &ExportCaps) -> Result<(), u32> {
         CMD_TRIM => caps.can_trim,
         CMD_WRITE_ZEROES => caps.can_zero,
         CMD_CACHE => caps.can_cache,
+        CMD_BLOCK_STATUS => caps.base_allocation,
         _ => false,
     };
     if !supported {
@@ -239,7 +253,11 @@ pub fn validate(h: &RequestHeader, caps: &ExportCaps) -> Result<(), u32> {
     if h.length == 0 {
         return Err(NBD_EINVAL);
     }
-    if matches!(h.cmd, CMD_READ | CMD_WRITE) && h.length > MAX_PAYLOAD {
+    let (min_block, _, max_block) = caps.block_size;
+    if matches!(h.cmd, CMD_READ | CMD_WRITE) && h.length > max_block.min(MAX_PAYLOAD) {
+        return Err(NBD_EINVAL);
+    }
+    if min_block > 1 && (h.offset % min_block as u64 != 0 || h.length % min_block != 0) {
         return Err(NBD_EINVAL);
     }
     let in_range = h.offset.checked_add(h.length as u64).is_some_and(|end| end <= caps.size);
@@ -263,8 +281,11 @@ mod tests {
             can_zero: true,
             can_cache: false,
             can_multi_conn: false,
+            can_fast_zero: false,
             fua: FuaMode::Emulate,
+            block_size: (1, 4096, MAX_PAYLOAD),
             structured_replies: false,
+            base_allocation: false,
         }
     }
 
@@ -300,6 +321,17 @@ mod tests {
             (hdr(CMD_FLUSH, 0, 1, 0), &c, Err(NBD_EINVAL)),
             (hdr(CMD_CACHE, 0, 0, 1), &c, Err(NBD_EINVAL)),
             (hdr(CMD_BLOCK_STATUS, 0, 0, 1), &c, Err(NBD_EINVAL)),
+            (hdr(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 1), &ExportCaps { base_allocation: true, ..c }, Ok(())),
+            (hdr(CMD_BLOCK_STATUS, 0, 1 << 20, 1), &ExportCaps { base_allocation: true, ..c }, Err(NBD_EINVAL)),
+            (hdr(CMD_BLOCK_STATUS, 0, 0, 0), &ExportCaps { base_allocation: true, ..c }, Err(NBD_EINVAL)),
+            (hdr(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 1), &c, Err(NBD_EINVAL)),
+            (hdr(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 1), &ExportCaps { can_fast_zero: true, ..c }, Ok(())),
+            (hdr(CMD_TRIM, CMD_FLAG_FAST_ZERO, 0, 1), &ExportCaps { can_fast_zero: true, ..c }, Err(NBD_EINVAL)),
+            (hdr(CMD_READ, 0, 512, 4096), &ExportCaps { block_size: (512, 4096, 65536), ..c }, Ok(())),
+            (hdr(CMD_READ, 0, 256, 4096), &ExportCaps { block_size: (512, 4096, 65536), ..c }, Err(NBD_EINVAL)),
+            (hdr(CMD_WRITE, 0, 0, 1000), &ExportCaps { block_size: (512, 4096, 65536), ..c }, Err(NBD_EINVAL)),
+            (hdr(CMD_READ, 0, 0, 131072), &ExportCaps { block_size: (512, 4096, 65536), ..c }, Err(NBD_EINVAL)),
+            (hdr(CMD_FLUSH, 0, 0, 0), &ExportCaps { block_size: (512, 4096, 65536), ..c }, Ok(())),
             (hdr(99, 0, 0, 1), &c, Err(NBD_EINVAL)),
             (hdr(CMD_READ, 1 << 9, 0, 1), &c, Err(NBD_EINVAL)),
             (hdr(CMD_READ, CMD_FLAG_REQ_ONE, 0, 1), &c, Err(NBD_EINVAL)),

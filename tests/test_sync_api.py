@@ -1,0 +1,513 @@
+"""The synchronous plugin API (struct nbdkit_plugin, nbdkit_server_new_sync)
+and its thread models, driven through tests/c/sync_harness.c.
+
+The harness is an in-memory disk whose pread/pwrite sleep --sleep-ms while
+counted as running; at exit it prints the most I/O callbacks that ran at
+once in the whole server (max_global) and on one handle (max_per_handle),
+and the most connections open at once (max_open). Each thread model must
+show exactly the concurrency nbdkit promises for it:
+
+  parallel                 overlaps within a connection and across them
+  serialize-requests       never two on one handle, but across handles yes
+  serialize-all-requests   never two anywhere
+  serialize-connections    never two anywhere, and never two clients open:
+                           a later client waits ungreeted for its turn
+
+plus the error paths (nbdkit_set_error, errno only, neither -> EIO) and the
+size of the worker pool. The harness is built with AddressSanitizer (leak
+checking on) and every run must end with exit status 0, "main_loop
+returned 0" and no sanitizer or harness report on stderr.
+
+Run with: /usr/bin/python3 -m pytest -q tests/test_sync_api.py
+"""
+
+import errno
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import nbd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+INCLUDE = ROOT / "include"
+STATICLIB = ROOT / "target" / "release" / "libnbdkit_async.a"
+HARNESS_SRC = ROOT / "tests" / "c" / "sync_harness.c"
+CC = os.environ.get("CC", "cc")
+CFLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-g", "-I", str(INCLUDE), "-pthread",
+          "-O1", "-fsanitize=address", "-fno-omit-frame-pointer"]
+LIBS = [str(STATICLIB), "-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl"]
+
+KiB = 1 << 10
+MiB = 1 << 20
+DISK = 16 * MiB                  # the harness default
+ERRNO_ONLY_OFFSET = 1 * MiB      # see sync_harness.c, --fail-errno
+ERRNO_ZERO_OFFSET = 2 * MiB
+SLEEP_MS = 20
+
+SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "HARNESS-ERROR", "panicked")
+START_TIMEOUT = 10
+STOP_TIMEOUT = 10
+IO_TIMEOUT = 20
+
+_PAT = bytes(range(251))
+
+
+def pattern(offset, count):
+    """The harness disk's initial contents at [offset, offset+count)."""
+    start = offset % 251
+    return (_PAT * ((start + count) // 251 + 1))[start:start + count]
+
+
+def noise(seed, count):
+    return bytes((seed * 131 + i * 7 + (i >> 9)) & 0xFF for i in range(count))
+
+
+# ---------------------------------------------------------------- building
+
+@pytest.fixture(scope="session")
+def harness_bin(tmp_path_factory):
+    """The harness, built once per session with AddressSanitizer."""
+    if not STATICLIB.is_file():
+        pytest.fail("%s is missing: run `make` first" % STATICLIB)
+    if shutil.which(CC) is None:
+        pytest.fail("no C compiler (%s)" % CC)
+    exe = tmp_path_factory.mktemp("sync_harness") / "sync_harness-asan"
+    argv = [CC, *CFLAGS, "-o", str(exe), str(HARNESS_SRC), *LIBS]
+    p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, "building the harness failed:\n%s\n%s%s" % (" ".join(argv), p.stdout, p.stderr)
+    return exe
+
+
+# ---------------------------------------------------------------- the server
+
+class Harness:
+    """One sync_harness process serving a Unix socket in a private tmp dir."""
+
+    def __init__(self, binary, model, args=()):
+        self.dir = tempfile.mkdtemp(prefix="nbdka-sync-")
+        self.sock = os.path.join(self.dir, "nbd.sock")
+        self.out_path = os.path.join(self.dir, "stdout")
+        self.err_path = os.path.join(self.dir, "stderr")
+        env = dict(os.environ)
+        env["ASAN_OPTIONS"] = "detect_leaks=1"
+        env.setdefault("NBDKIT_ASYNC_LOG", "debug")  # per connection, not per request
+        self.argv = [str(binary), "--model", model, "--unix", self.sock, *map(str, args)]
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
+        self.stats = None
+
+    @property
+    def uri(self):
+        return "nbd+unix:///?socket=" + self.sock
+
+    def out(self):
+        with open(self.out_path, errors="replace") as f:
+            return f.read()
+
+    def err(self):
+        with open(self.err_path, errors="replace") as f:
+            return f.read()
+
+    def report(self):
+        err = self.err()
+        if len(err) > 20000:
+            err = "<... cut ...>\n" + err[-20000:]
+        return "\n".join(["server: %s (pid %d)" % (" ".join(self.argv), self.proc.pid),
+                          "exit status: %s" % (self.proc.poll(),),
+                          "--- server stdout", self.out(), "--- server stderr", err, "--- end"])
+
+    def wait_ready(self):
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (self.out().endswith("\n") and os.path.exists(self.sock)):
+            if self.proc.poll() is not None:
+                pytest.fail("harness exited before listening\n" + self.report())
+            if time.monotonic() > deadline:
+                pytest.fail("harness not listening after %ss\n%s" % (START_TIMEOUT, self.report()))
+            time.sleep(0.01)
+        assert self.out().splitlines()[0] == self.uri, self.report()
+
+    def threads(self):
+        with open("/proc/%d/status" % self.proc.pid) as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+        raise AssertionError("no Threads: line")
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self):
+        """SIGTERM; must exit 0 within STOP_TIMEOUT with a clean report.
+        Returns the printed statistics as a dict."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail("harness did not exit within %ss of SIGTERM; killed\n%s" % (STOP_TIMEOUT, self.report()))
+        err = self.err()
+        assert rc == 0, "harness exit status %s\n%s" % (rc, self.report())
+        for mark in SANITIZER_MARKS:
+            assert mark not in err, "%r in harness stderr\n%s" % (mark, self.report())
+        stats = {}
+        for line in self.out().splitlines()[1:]:
+            key, _, value = line.rpartition(" ")
+            stats[key] = int(value)
+        assert stats.get("main_loop returned") == 0, self.report()
+        for key in ("max_global", "max_per_handle", "max_open", "opens", "closes", "calls"):
+            assert key in stats, "no %r line\n%s" % (key, self.report())
+        assert stats["opens"] == stats["closes"], self.report()
+        self.stats = stats
+        return stats
+
+    def cleanup(self):
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def start(harness_bin):
+    """start(model, *args) -> a listening Harness; always killed at teardown
+    (tests call .stop() themselves to check the clean exit)."""
+    servers = []
+
+    def _start(model, *args):
+        h = Harness(harness_bin, model, args)
+        servers.append(h)
+        h.wait_ready()
+        return h
+
+    try:
+        yield _start
+    finally:
+        for s in servers:
+            s.cleanup()
+
+
+# ---------------------------------------------------------------- clients
+
+def connect(srv):
+    h = nbd.NBD()
+    h.connect_unix(srv.sock)
+    return h
+
+
+def close(h):
+    """Polite disconnect (NBD_CMD_DISC), then nbd_close, at most once."""
+    if hasattr(h, "_o"):
+        try:
+            if h.aio_is_ready():
+                h.shutdown()
+        except nbd.Error:
+            pass
+        h.__del__()
+        del h._o
+
+
+def wait_aio(h, cookies, timeout=IO_TIMEOUT):
+    """Polls h until every cookie completed; returns {cookie: errnum or None}."""
+    deadline = time.monotonic() + timeout
+    pending = list(cookies)
+    done = {}
+    while pending:
+        for c in list(pending):
+            try:
+                finished, err = h.aio_command_completed(c), None
+            except nbd.Error as e:
+                finished, err = True, e.errnum
+            if finished:
+                done[c] = err
+                pending.remove(c)
+        if not pending:
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError("%d of %d commands still in flight after %ss" % (len(pending), len(cookies), timeout))
+        h.poll(50)
+    return done
+
+
+def burst(h, tag, n):
+    """n commands in flight at once on h: 4 KiB writes of noise to this
+    tag's region alternating with 4 KiB reads of untouched disk; then checks
+    every reply and the written data."""
+    base = MiB * (4 + 2 * tag)
+    bufs, cookies = [], []
+    for i in range(n):
+        if i % 2 == 0:
+            wb = nbd.Buffer.from_bytearray(bytearray(noise(tag * 1000 + i, 4 * KiB)))
+            bufs.append(wb)
+            cookies.append(h.aio_pwrite(wb, base + i * 4 * KiB))
+        else:
+            rb = nbd.Buffer(4 * KiB)
+            bufs.append(rb)
+            cookies.append(h.aio_pread(rb, base + MiB + i * 4 * KiB))
+    results = wait_aio(h, cookies)
+    assert all(e is None for e in results.values()), results
+    for i in range(1, n, 2):
+        off = base + MiB + i * 4 * KiB
+        assert bufs[i].to_bytearray() == pattern(off, 4 * KiB), (tag, i)
+    for i in range(0, n, 2):
+        assert h.pread(4 * KiB, base + i * 4 * KiB) == noise(tag * 1000 + i, 4 * KiB), (tag, i)
+
+
+def run_concurrently(handles, n):
+    """burst() on every handle at once, one thread each; re-raises the
+    first failure. Bounded by IO_TIMEOUT inside each thread."""
+    errors = []
+    gate = threading.Barrier(len(handles))
+
+    def one(tag, h):
+        try:
+            gate.wait(timeout=IO_TIMEOUT)
+            burst(h, tag, n)
+        except BaseException as e:  # noqa: B902 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i, h), daemon=True) for i, h in enumerate(handles)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=IO_TIMEOUT + 10)
+        assert not t.is_alive(), "client thread still running"
+    if errors:
+        raise errors[0]
+
+
+def serve_clients(srv, n_conns, n_requests):
+    """n_conns clients at once, each with n_requests in flight; returns
+    the server's statistics after a clean stop."""
+    handles = [connect(srv) for _ in range(n_conns)]
+    try:
+        for h in handles:
+            assert h.can_multi_conn()
+        run_concurrently(handles, n_requests)
+    finally:
+        for h in handles:
+            close(h)
+    return srv.stop()
+
+
+# ---------------------------------------------------------------- thread models
+
+def test_parallel_overlaps(start):
+    """PARALLEL: callbacks overlap on one connection and across connections."""
+    srv = start("parallel", "--sleep-ms", SLEEP_MS)
+    st = serve_clients(srv, 2, 16)
+    assert st["max_per_handle"] > 1, srv.report()
+    assert st["max_global"] > 1, srv.report()
+    assert st["max_global"] <= 16, "more callbacks at once than worker threads\n" + srv.report()
+    assert st["max_open"] == 2 and st["opens"] == 2, srv.report()
+
+
+def test_serialize_requests(start):
+    """SERIALIZE_REQUESTS: one callback at a time per connection, but
+    different connections run side by side."""
+    srv = start("serialize-requests", "--sleep-ms", SLEEP_MS)
+    st = serve_clients(srv, 3, 12)
+    assert st["max_per_handle"] == 1, srv.report()
+    assert st["max_global"] > 1, srv.report()
+    assert st["max_open"] == 3, srv.report()
+
+
+def test_serialize_all_requests(start):
+    """SERIALIZE_ALL_REQUESTS: one callback at a time in the whole server,
+    while several clients stay connected at once."""
+    srv = start("serialize-all-requests", "--sleep-ms", SLEEP_MS)
+    st = serve_clients(srv, 3, 12)
+    assert st["max_global"] == 1, srv.report()
+    assert st["max_per_handle"] == 1, srv.report()
+    assert st["max_open"] == 3, srv.report()
+    assert st["calls"] >= 3 * 12, srv.report()
+
+
+class Connector:
+    """Connects a client in a thread; .done is set once the handshake
+    completed (or failed: see .error)."""
+
+    def __init__(self, srv):
+        self.h = nbd.NBD()
+        self.error = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(srv.sock,), daemon=True)
+        self.thread.start()
+
+    def _run(self, sock):
+        try:
+            self.h.connect_unix(sock)
+        except BaseException as e:  # noqa: B902 - reported by the test
+            self.error = e
+        finally:
+            self.done.set()
+
+    def wait(self, timeout):
+        assert self.done.wait(timeout), "client still not connected after %ss" % timeout
+        self.thread.join(timeout=5)
+        return self.h
+
+
+def test_serialize_connections(start):
+    """SERIALIZE_CONNECTIONS: a second client is not greeted while the first
+    is connected (even while the first is busy), then gets its turn."""
+    srv = start("serialize-connections", "--sleep-ms", SLEEP_MS)
+    a = connect(srv)
+    b = None
+    try:
+        # A is busy with requests while B knocks.
+        bufs = [nbd.Buffer(4 * KiB) for _ in range(12)]
+        cookies = [a.aio_pread(buf, i * 4 * KiB) for i, buf in enumerate(bufs)]
+        waiter = Connector(srv)
+        time.sleep(0.5)
+        assert not waiter.done.is_set(), (
+            "second client completed its handshake while the first is connected "
+            "(error: %r)\n%s" % (waiter.error, srv.report()))
+        results = wait_aio(a, cookies)
+        assert all(e is None for e in results.values()), results
+        assert all(buf.to_bytearray() == pattern(i * 4 * KiB, 4 * KiB) for i, buf in enumerate(bufs))
+        burst(a, 0, 12)              # A is fully served meanwhile
+        time.sleep(0.2)
+        assert not waiter.done.is_set(), "second client greeted while the first is connected\n" + srv.report()
+
+        close(a)
+        b = waiter.wait(10)
+        assert waiter.error is None, "second client failed to connect: %r\n%s" % (waiter.error, srv.report())
+        assert b.pread(4 * KiB, 4 * MiB) == noise(0, 4 * KiB), "B must see A's writes"
+        burst(b, 1, 12)
+    finally:
+        close(a)
+        if b is not None:
+            close(b)
+    st = srv.stop()
+    assert st["max_global"] == 1, srv.report()
+    assert st["max_open"] == 1, srv.report()
+    assert st["opens"] == 2, srv.report()
+
+
+def test_serialize_connections_waiter_gives_up(start):
+    """SERIALIZE_CONNECTIONS: a queued client that hangs up before its turn
+    does not take the turn of the one queued behind it, nor let anybody in
+    early."""
+    srv = start("serialize-connections")
+    a = connect(srv)
+    b = None
+    try:
+        quitter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        quitter.settimeout(5)
+        quitter.connect(srv.sock)
+        time.sleep(0.2)               # accepted (and queued) before B
+        waiter = Connector(srv)
+        time.sleep(0.3)
+        quitter.close()
+        time.sleep(0.3)
+        assert not waiter.done.is_set(), "client greeted while the first is connected\n" + srv.report()
+        assert a.pread(512, 0) == pattern(0, 512)
+        close(a)
+        b = waiter.wait(10)
+        assert waiter.error is None, "queued client failed: %r\n%s" % (waiter.error, srv.report())
+        assert b.pread(512, 512) == pattern(512, 512)
+    finally:
+        close(a)
+        if b is not None:
+            close(b)
+    st = srv.stop()
+    assert st["max_open"] == 1, srv.report()
+
+
+def test_serialize_connections_shutdown_with_queued_client(start):
+    """SIGTERM while a client is connected and another waits ungreeted:
+    clean exit, and the waiting client is refused rather than hung."""
+    srv = start("serialize-connections")
+    a = connect(srv)
+    try:
+        assert a.pread(512, 0) == pattern(0, 512)
+        waiter = Connector(srv)
+        time.sleep(0.3)
+        assert not waiter.done.is_set(), srv.report()
+        st = srv.stop()
+        waiter.wait(10)
+        assert waiter.error is not None, "the queued client was greeted during shutdown\n" + srv.report()
+    finally:
+        close(a)
+    assert st["max_open"] == 1, srv.report()
+
+
+def test_parallel_with_one_thread(start):
+    """PARALLEL with --threads 1: one worker runs one callback at a time."""
+    srv = start("parallel", "--threads", 1, "--sleep-ms", SLEEP_MS)
+    st = serve_clients(srv, 2, 8)
+    assert st["max_global"] == 1, srv.report()
+    assert st["max_open"] == 2, srv.report()
+
+
+# ---------------------------------------------------------------- workers
+
+@pytest.mark.parametrize("threads", [None, 4])
+def test_worker_thread_count(start, threads):
+    """The pool has the configured size (default 16, like nbdkit), and it
+    does not grow with clients or requests."""
+    args = ["--sleep-ms", 5] + (["--threads", threads] if threads else [])
+    srv = start("parallel", *args)
+    workers = threads or 16
+    handles = [connect(srv) for _ in range(3)]
+    try:
+        run_concurrently(handles, 40)
+        n = srv.threads()
+        assert workers + 1 <= n <= workers + 3, (
+            "Threads: %d with %d workers (expected 1 + %d, plus at most 2 helpers)\n%s"
+            % (n, workers, workers, srv.report()))
+    finally:
+        for h in handles:
+            close(h)
+    st = srv.stop()
+    assert 1 < st["max_global"] <= workers, srv.report()
+
+
+# ---------------------------------------------------------------- errors
+
+def expect_errno(want, fn, *args):
+    with pytest.raises(nbd.Error) as ei:
+        fn(*args)
+    assert ei.value.errnum == want, "%s%r: expected %s, got %s (%s)" % (
+        fn.__name__, args[1:], errno.errorcode[want], errno.errorcode.get(ei.value.errnum, ei.value.errnum), ei.value)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EPERM], ids=["ENOSPC", "EPERM"])
+def test_errors(start, err):
+    """nbdkit_set_error reaches the client (and wins over errno); errno alone
+    works; neither gives EIO; an error set by a call that then succeeded
+    leaks into nothing. One worker, so every call runs on the same thread."""
+    srv = start("parallel", "--threads", 1, "--fail-errno", err)
+    h = connect(srv)
+    try:
+        expect_errno(err, h.pwrite, b"x" * 4096, 0)
+        expect_errno(errno.ENOMEM, h.pread, 4096, ERRNO_ONLY_OFFSET)
+        expect_errno(errno.EIO, h.pread, 4096, ERRNO_ZERO_OFFSET)
+        h.flush()                                   # set_error, then success
+        expect_errno(errno.EIO, h.pread, 4096, ERRNO_ZERO_OFFSET)
+        expect_errno(err, h.pwrite, b"y" * 512, 8 * MiB)
+        expect_errno(errno.ENOMEM, h.pread, 512, ERRNO_ONLY_OFFSET + 1024)
+        # The connection is fine, and reads elsewhere work.
+        assert h.pread(4096, 0) == pattern(0, 4096)
+        h.zero(4096, 3 * MiB)
+        assert h.pread(4096, 3 * MiB) == bytes(4096)
+        # Errors in flight together with successes.
+        rbufs = [nbd.Buffer(4096) for _ in range(6)]
+        cookies = [h.aio_pread(rbufs[0], ERRNO_ZERO_OFFSET), h.aio_pread(rbufs[1], 5 * MiB),
+                   h.aio_pread(rbufs[2], ERRNO_ONLY_OFFSET), h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(4096)), 0),
+                   h.aio_pread(rbufs[3], 6 * MiB)]
+        res = wait_aio(h, cookies)
+        assert [res[c] for c in cookies] == [errno.EIO, None, errno.ENOMEM, err, None], res
+        assert rbufs[1].to_bytearray() == pattern(5 * MiB, 4096)
+        assert rbufs[3].to_bytearray() == pattern(6 * MiB, 4096)
+    finally:
+        close(h)
+    srv.stop()
