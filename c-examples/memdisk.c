@@ -6,8 +6,12 @@
  * them. With a single fixed latency, arrival order is deadline order, so
  * the timer queue is a plain FIFO.
  *
+ * Each --export adds a disk of --size bytes under that name (the first is
+ * the default export). Disks are sparse: block status and reads report
+ * the holes, and trim or zero punch new ones.
+ *
  *   build/memdisk [--unix PATH] [--tcp HOST:PORT] [--size N[K|M|G]]
- *                 [--latency-ms N] [--workers N] [--readonly] [--export NAME]
+ *                 [--latency-ms N] [--workers N] [--readonly] [--export NAME]...
  *                 [--max-inflight N] [--max-connections N]
  *                 [--handshake-timeout-ms N] [--request-timeout-ms N]
  */
@@ -20,37 +24,52 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #include <nbdkit-async.h>
 
-enum kind { READ, WRITE, ZERO, FLUSH };
+enum kind { READ, WRITE, ZERO, FLUSH, EXTENTS };
+
+#define PAGE 4096               /* allocation is tracked per page */
+#define MAX_EXPORTS 16
+#define DESCRIPTION "in-memory disk (libnbdkit-async example)"
+#define MAX_EXTENTS 1024        /* per block-status reply; clients ask again */
+
+/* One export: sparse memory plus a bitmap of pages written since their
+ * last trim, so block status and sparse reads tell data from holes.
+ */
+struct disk {
+  const char *name;
+  unsigned char *data;          /* mmap'd: untouched pages cost nothing */
+  uint64_t size;
+  unsigned char *allocated;     /* one bit per page */
+  pthread_rwlock_t lock;        /* readers share, writers exclude */
+};
 
 /* One request waiting for its deadline. */
 struct job {
   struct job *next;
   nbdkit_op *op;
+  struct disk *disk;
   enum kind kind;
   void *buf;
   uint32_t count;
   uint64_t offset;
+  uint32_t flags;
   struct timespec due;
 };
 
-static struct {
-  unsigned char *data;
-  uint64_t size;
-  pthread_rwlock_t lock;      /* readers share, writers exclude */
-  long latency_ms;
+static struct disk disks[MAX_EXPORTS];
+static int ndisks;
 
-  pthread_mutex_t queue_lock;
-  pthread_cond_t queue_cond;  /* signalled on new work and on stop */
+static struct {
+  long latency_ms;
+  pthread_mutex_t lock;
+  pthread_cond_t cond;          /* signalled on new work and on stop */
   struct job *head, *tail;
   bool stopping;
-} disk = {
-  .lock = PTHREAD_RWLOCK_INITIALIZER,
-  .queue_lock = PTHREAD_MUTEX_INITIALIZER,
-};
+} queue = { .lock = PTHREAD_MUTEX_INITIALIZER };
 
 static struct timespec
 deadline_after_ms (long ms)
@@ -77,50 +96,134 @@ is_due (const struct timespec *due)
 
 /* Called on the event loop thread: queue and return at once. */
 static int
-submit (nbdkit_op *op, enum kind kind, void *buf, uint32_t count,
-        uint64_t offset)
+submit (nbdkit_op *op, struct disk *d, enum kind kind, void *buf,
+        uint32_t count, uint64_t offset, uint32_t flags)
 {
   struct job *j = malloc (sizeof *j);
   if (j == NULL)
     return -1;                  /* errno is ENOMEM: the library replies */
-  *j = (struct job) { .op = op, .kind = kind, .buf = buf, .count = count,
-                      .offset = offset,
-                      .due = deadline_after_ms (disk.latency_ms) };
-  pthread_mutex_lock (&disk.queue_lock);
-  if (disk.tail)
-    disk.tail->next = j;
+  *j = (struct job) { .op = op, .disk = d, .kind = kind, .buf = buf,
+                      .count = count, .offset = offset, .flags = flags,
+                      .due = deadline_after_ms (queue.latency_ms) };
+  pthread_mutex_lock (&queue.lock);
+  if (queue.tail)
+    queue.tail->next = j;
   else
-    disk.head = j;
-  disk.tail = j;
-  pthread_cond_signal (&disk.queue_cond);
-  pthread_mutex_unlock (&disk.queue_lock);
+    queue.head = j;
+  queue.tail = j;
+  pthread_cond_signal (&queue.cond);
+  pthread_mutex_unlock (&queue.lock);
   return 0;
+}
+
+static bool
+page_allocated (const struct disk *d, uint64_t page)
+{
+  return d->allocated[page / 8] & (1 << (page % 8));
+}
+
+static void
+mark_pages (struct disk *d, uint64_t first, uint64_t end, bool allocated)
+{
+  for (uint64_t p = first; p < end; p++) {
+    if (allocated)
+      d->allocated[p / 8] |= 1 << (p % 8);
+    else
+      d->allocated[p / 8] &= ~(1 << (p % 8));
+  }
+}
+
+/* Zeroes a range; whole pages inside it are given back to the kernel and
+ * become holes again.
+ */
+static void
+punch (struct disk *d, uint64_t offset, uint32_t count)
+{
+  uint64_t end = offset + count;
+  uint64_t first = (offset + PAGE - 1) / PAGE, last = end / PAGE;
+  if (first >= last) {
+    memset (d->data + offset, 0, count);
+    return;
+  }
+  memset (d->data + offset, 0, first * PAGE - offset);
+  memset (d->data + last * PAGE, 0, end - last * PAGE);
+  madvise (d->data + first * PAGE, (last - first) * PAGE, MADV_DONTNEED);
+  mark_pages (d, first, last, false);
+}
+
+/* Describes [offset, offset + count) as runs of data and holes, at most
+ * max of them. Returns how many it wrote.
+ */
+static size_t
+describe (const struct disk *d, uint64_t offset, uint32_t count,
+          nbdkit_extent *out, size_t max)
+{
+  uint64_t pos = offset, end = offset + count;
+  size_t n = 0;
+  while (pos < end && n < max) {
+    bool data = page_allocated (d, pos / PAGE);
+    uint64_t next = pos;
+    while (next < end && page_allocated (d, next / PAGE) == data)
+      next = (next / PAGE + 1) * PAGE;
+    if (next > end)
+      next = end;
+    out[n++] = (nbdkit_extent) {
+      .length = next - pos,
+      .type = data ? 0 : NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO,
+    };
+    pos = next;
+  }
+  return n;
 }
 
 static void
 run_job (struct job *j)
 {
+  struct disk *d = j->disk;
+  nbdkit_extent extents[MAX_EXTENTS];
+  size_t n;
+
   switch (j->kind) {
   case READ:
-    pthread_rwlock_rdlock (&disk.lock);
-    memcpy (j->buf, disk.data + j->offset, j->count);
+    pthread_rwlock_rdlock (&d->lock);
+    memcpy (j->buf, d->data + j->offset, j->count);
+    n = describe (d, j->offset, j->count, extents, MAX_EXTENTS);
+    pthread_rwlock_unlock (&d->lock);
+    /* Tell the library where the holes are: they need not cross the wire. */
+    if (n > 1 || extents[0].type != 0) {
+      if (n == MAX_EXTENTS)     /* too fragmented to describe: all data */
+        n = 1, extents[0] = (nbdkit_extent) { .length = j->count };
+      nbdkit_reply_read_extents (j->op, extents, n);
+    }
+    else
+      nbdkit_reply (j->op);
     break;
   case WRITE:
-    pthread_rwlock_wrlock (&disk.lock);
-    memcpy (disk.data + j->offset, j->buf, j->count);
+    pthread_rwlock_wrlock (&d->lock);
+    memcpy (d->data + j->offset, j->buf, j->count);
+    mark_pages (d, j->offset / PAGE, (j->offset + j->count + PAGE - 1) / PAGE,
+                true);
+    pthread_rwlock_unlock (&d->lock);
+    nbdkit_reply (j->op);
     break;
   case ZERO:
-    pthread_rwlock_wrlock (&disk.lock);
-    memset (disk.data + j->offset, 0, j->count);
+    pthread_rwlock_wrlock (&d->lock);
+    punch (d, j->offset, j->count);
+    pthread_rwlock_unlock (&d->lock);
+    nbdkit_reply (j->op);
+    break;
+  case EXTENTS:
+    pthread_rwlock_rdlock (&d->lock);
+    n = describe (d, j->offset, j->count, extents,
+                  j->flags & NBDKIT_FLAG_REQ_ONE ? 1 : MAX_EXTENTS);
+    pthread_rwlock_unlock (&d->lock);
+    nbdkit_reply_extents (j->op, extents, n);
     break;
   case FLUSH:
     /* RAM is as durable as it gets; the latency was the whole cost. */
     nbdkit_reply (j->op);
-    free (j);
-    return;
+    break;
   }
-  pthread_rwlock_unlock (&disk.lock);
-  nbdkit_reply (j->op);
   free (j);
 }
 
@@ -128,83 +231,104 @@ static void *
 worker (void *arg)
 {
   (void) arg;
-  pthread_mutex_lock (&disk.queue_lock);
+  pthread_mutex_lock (&queue.lock);
   for (;;) {
-    struct job *j = disk.head;
+    struct job *j = queue.head;
     if (j == NULL) {
-      if (disk.stopping)
+      if (queue.stopping)
         break;
-      pthread_cond_wait (&disk.queue_cond, &disk.queue_lock);
+      pthread_cond_wait (&queue.cond, &queue.lock);
     }
     else if (!is_due (&j->due))
-      pthread_cond_timedwait (&disk.queue_cond, &disk.queue_lock, &j->due);
+      pthread_cond_timedwait (&queue.cond, &queue.lock, &j->due);
     else {
-      disk.head = j->next;
-      if (disk.head == NULL)
-        disk.tail = NULL;
-      pthread_mutex_unlock (&disk.queue_lock);
+      queue.head = j->next;
+      if (queue.head == NULL)
+        queue.tail = NULL;
+      pthread_mutex_unlock (&queue.lock);
       run_job (j);
-      pthread_mutex_lock (&disk.queue_lock);
+      pthread_mutex_lock (&queue.lock);
     }
   }
-  pthread_mutex_unlock (&disk.queue_lock);
+  pthread_mutex_unlock (&queue.lock);
   return NULL;
 }
 
-/* The plugin. Every connection shares the one disk, so every handle is
- * the disk itself and multi-conn is safe.
+/* The plugin. The handle is the export's disk, shared by every connection
+ * to it, so multi-conn is safe.
  */
 static void *
 md_open (void *user_data, int readonly, const char *export_name)
 {
-  (void) user_data; (void) readonly; (void) export_name;
-  return &disk;
+  (void) user_data; (void) readonly;
+  for (int i = 0; i < ndisks; i++)
+    if (strcmp (disks[i].name, export_name) == 0)
+      return &disks[i];
+  errno = ENOENT;
+  return NULL;
 }
 
-static int64_t md_get_size (void *h) { (void) h; return disk.size; }
-static int md_can_multi_conn (void *h) { (void) h; return 1; }
+static int
+md_list_exports (void *user_data, nbdkit_exports *exports)
+{
+  (void) user_data;
+  for (int i = 0; i < ndisks; i++)
+    if (nbdkit_add_export (exports, disks[i].name, DESCRIPTION) < 0)
+      return -1;
+  return 0;
+}
+
+static int64_t md_get_size (void *h) { return ((struct disk *) h)->size; }
+static int md_yes (void *h) { (void) h; return 1; }
 
 static int
 md_pread (nbdkit_op *op, void *h, void *buf, uint32_t count, uint64_t offset,
           uint32_t flags)
 {
-  (void) h; (void) flags;
-  return submit (op, READ, buf, count, offset);
+  return submit (op, h, READ, buf, count, offset, flags);
 }
 
 static int
 md_pwrite (nbdkit_op *op, void *h, const void *buf, uint32_t count,
            uint64_t offset, uint32_t flags)
 {
-  (void) h; (void) flags;
-  return submit (op, WRITE, (void *) buf, count, offset);
+  return submit (op, h, WRITE, (void *) buf, count, offset, flags);
 }
 
 static int
 md_flush (nbdkit_op *op, void *h, uint32_t flags)
 {
-  (void) h; (void) flags;
-  return submit (op, FLUSH, NULL, 0, 0);
+  return submit (op, h, FLUSH, NULL, 0, 0, flags);
 }
 
+/* Trim and zero both punch holes: zeroing RAM is always fast. */
 static int
 md_zero (nbdkit_op *op, void *h, uint32_t count, uint64_t offset,
          uint32_t flags)
 {
-  (void) h; (void) flags;
-  return submit (op, ZERO, NULL, count, offset);
+  return submit (op, h, ZERO, NULL, count, offset, flags);
+}
+
+static int
+md_extents (nbdkit_op *op, void *h, uint32_t count, uint64_t offset,
+            uint32_t flags)
+{
+  return submit (op, h, EXTENTS, NULL, count, offset, flags);
 }
 
 static const struct nbdkit_plugin_lowlevel plugin = {
   .name = "memdisk",
   .open = md_open,
   .get_size = md_get_size,
-  .can_multi_conn = md_can_multi_conn,
+  .can_multi_conn = md_yes,
+  .can_fast_zero = md_yes,
   .pread = md_pread,
   .pwrite = md_pwrite,
   .flush = md_flush,
-  .trim = md_zero,              /* a trimmed range reads back as zeroes */
+  .trim = md_zero,
   .zero = md_zero,
+  .extents = md_extents,
+  .list_exports = md_list_exports,
 };
 
 static void
@@ -237,7 +361,7 @@ usage (void)
   fprintf (stderr,
            "usage: memdisk [--unix PATH] [--tcp HOST:PORT] [--size N[K|M|G]]\n"
            "               [--latency-ms N] [--workers N] [--readonly]"
-           " [--export NAME]\n"
+           " [--export NAME]...\n"
            "               [--max-inflight N] [--max-connections N]\n"
            "               [--handshake-timeout-ms N] [--request-timeout-ms N]\n");
   exit (EXIT_FAILURE);
@@ -246,11 +370,13 @@ usage (void)
 int
 main (int argc, char *argv[])
 {
-  const char *unix_path = NULL, *tcp = NULL, *export_name = "";
+  const char *unix_path = NULL, *tcp = NULL;
+  const char *names[MAX_EXPORTS];
+  int nnames = 0;
+  uint64_t size = 1ULL << 30;
   int workers = 2, readonly = 0;
   long max_inflight = 0, max_connections = 0;
   long handshake_timeout_ms = -1, request_timeout_ms = 0;
-  disk.size = 1ULL << 30;
 
   static const struct option opts[] = {
     { "unix", required_argument, NULL, 'u' },
@@ -271,11 +397,15 @@ main (int argc, char *argv[])
     switch (c) {
     case 'u': unix_path = optarg; break;
     case 't': tcp = optarg; break;
-    case 's': disk.size = parse_size (optarg); break;
-    case 'l': disk.latency_ms = atol (optarg); break;
+    case 's': size = parse_size (optarg); break;
+    case 'l': queue.latency_ms = atol (optarg); break;
     case 'w': workers = atoi (optarg); break;
     case 'r': readonly = 1; break;
-    case 'e': export_name = optarg; break;
+    case 'e':
+      if (nnames == MAX_EXPORTS)
+        usage ();
+      names[nnames++] = optarg;
+      break;
     case 'm': max_inflight = atol (optarg); break;
     case 'c': max_connections = atol (optarg); break;
     case 'H': handshake_timeout_ms = atol (optarg); break;
@@ -283,24 +413,35 @@ main (int argc, char *argv[])
     default: usage ();
     }
   }
-  if (optind != argc || workers < 1 || disk.latency_ms < 0 || max_inflight < 0)
+  if (optind != argc || workers < 1 || queue.latency_ms < 0 || max_inflight < 0)
     usage ();
   if (!unix_path && !tcp)
     tcp = "127.0.0.1:10809";
 
-  /* calloc maps zero pages lazily: a large disk costs only what is written. */
-  disk.data = calloc (1, disk.size);
-  if (disk.data == NULL) {
-    perror ("memdisk: calloc");
-    return EXIT_FAILURE;
+  if (nnames == 0)
+    names[nnames++] = "";
+  for (int i = 0; i < nnames; i++) {
+    struct disk *d = &disks[ndisks++];
+    d->name = names[i];
+    d->size = size;
+    /* Anonymous memory is zero and costs nothing until written. */
+    d->data = mmap (NULL, size ? size : 1, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    d->allocated = calloc (size / PAGE / 8 + 1, 1);
+    if (d->data == MAP_FAILED || d->allocated == NULL) {
+      perror ("memdisk: allocating the disk");
+      return EXIT_FAILURE;
+    }
+    pthread_rwlock_init (&d->lock, NULL);
   }
+  const char *export_name = disks[0].name;
 
   nbdkit_server *srv = nbdkit_server_new (&plugin, sizeof plugin, NULL);
   if (srv == NULL)
     return EXIT_FAILURE;
   nbdkit_server_set_readonly (srv, readonly);
   nbdkit_server_set_export_name (srv, export_name);
-  nbdkit_server_set_export_description (srv, "in-memory disk (libnbdkit-async example)");
+  nbdkit_server_set_export_description (srv, DESCRIPTION);
   if (max_inflight > 0)
     nbdkit_server_set_max_inflight (srv, (uint32_t) max_inflight);
   nbdkit_server_set_max_connections (srv, (uint32_t) max_connections);
@@ -335,7 +476,7 @@ main (int argc, char *argv[])
   pthread_condattr_t attr;
   pthread_condattr_init (&attr);
   pthread_condattr_setclock (&attr, CLOCK_MONOTONIC);
-  pthread_cond_init (&disk.queue_cond, &attr);
+  pthread_cond_init (&queue.cond, &attr);
   pthread_t threads[workers];
   for (int i = 0; i < workers; i++)
     pthread_create (&threads[i], NULL, worker, NULL);
@@ -343,14 +484,18 @@ main (int argc, char *argv[])
   /* Returns once shutdown was asked and every op in flight is answered. */
   int r = nbdkit_main_loop (srv);
 
-  pthread_mutex_lock (&disk.queue_lock);
-  disk.stopping = true;
-  pthread_cond_broadcast (&disk.queue_cond);
-  pthread_mutex_unlock (&disk.queue_lock);
+  pthread_mutex_lock (&queue.lock);
+  queue.stopping = true;
+  pthread_cond_broadcast (&queue.cond);
+  pthread_mutex_unlock (&queue.lock);
   for (int i = 0; i < workers; i++)
     pthread_join (threads[i], NULL);
 
   nbdkit_server_free (srv);
-  free (disk.data);
+  for (int i = 0; i < ndisks; i++) {
+    munmap (disks[i].data, disks[i].size ? disks[i].size : 1);
+    free (disks[i].allocated);
+    pthread_rwlock_destroy (&disks[i].lock);
+  }
   return r == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }
