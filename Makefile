@@ -3,6 +3,7 @@
 #   make          release library + every example into build/
 #   make demo     serve the async memdisk example on a Unix socket
 #   make check    install missing test tools (as root), then run every test
+#   make install  PREFIX=/usr/local DESTDIR=... (and make uninstall)
 #   make bench    side-by-side benchmark against nbdkit and qemu-nbd
 #   make soak     long fio verify run against memdisk (SOAK_SECONDS)
 #   make fuzz     long randomized run of the protocol parsers (FUZZ_ITERATIONS)
@@ -15,20 +16,27 @@ LIBDIR   := target/release
 STATICLIB := $(LIBDIR)/libnbdkit_async.a
 HEADER   := include/nbdkit-async.h
 
+VERSION  := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+SOMAJOR  := 0
+PREFIX   ?= /usr/local
+LIBDIR_INSTALL ?= $(PREFIX)/lib
+INCDIR_INSTALL ?= $(PREFIX)/include
+# What the Rust standard library needs when linked statically.
+PRIVATE_LIBS := -lgcc_s -lutil -lrt -lpthread -lm -ldl
+
 WARN     := -Wall -Wextra -Werror -pedantic
 CFLAGS   ?= -O2 -g
 CFLAGS   += -std=c11 $(WARN) -Iinclude -pthread
 CXXFLAGS ?= -O2 -g
 CXXFLAGS += -std=c++17 $(WARN) -Iinclude -pthread
-# What the Rust standard library needs when linked statically.
-LIBS     := $(STATICLIB) -lgcc_s -lutil -lrt -lpthread -lm -ldl
+LIBS     := $(STATICLIB) $(PRIVATE_LIBS)
 
 EXAMPLES := $(patsubst c-examples/%.c,$(BUILD)/%,$(wildcard c-examples/*.c)) \
             $(patsubst cpp-examples/%.cpp,$(BUILD)/%,$(wildcard cpp-examples/*.cpp))
 PYTHON   := /usr/bin/python3
 DEMO_SOCK := $(BUILD)/demo.sock
 
-.PHONY: all lib demo check check-deps check-header unit-test integration-test bench soak fuzz clean
+.PHONY: all lib install uninstall demo check check-deps check-header unit-test integration-test bench soak fuzz clean
 
 all: $(EXAMPLES)
 
@@ -46,6 +54,24 @@ $(BUILD)/%: cpp-examples/%.cpp $(STATICLIB) $(HEADER) $(wildcard include/*.hpp) 
 
 $(BUILD):
 	mkdir -p $@
+
+$(BUILD)/nbdkit-async.pc: nbdkit-async.pc.in Cargo.toml | $(BUILD)
+	sed -e 's|@PREFIX@|$(PREFIX)|; s|@LIBDIR@|$(LIBDIR_INSTALL)|; s|@INCLUDEDIR@|$(INCDIR_INSTALL)|' \
+	    -e 's|@VERSION@|$(VERSION)|; s|@PRIVATE_LIBS@|$(PRIVATE_LIBS)|' $< > $@
+
+install: lib $(BUILD)/nbdkit-async.pc
+	install -d $(DESTDIR)$(LIBDIR_INSTALL)/pkgconfig $(DESTDIR)$(INCDIR_INSTALL)
+	install -m 644 $(STATICLIB) $(DESTDIR)$(LIBDIR_INSTALL)/
+	install -m 755 $(LIBDIR)/libnbdkit_async.so $(DESTDIR)$(LIBDIR_INSTALL)/libnbdkit_async.so.$(VERSION)
+	ln -sf libnbdkit_async.so.$(VERSION) $(DESTDIR)$(LIBDIR_INSTALL)/libnbdkit_async.so.$(SOMAJOR)
+	ln -sf libnbdkit_async.so.$(SOMAJOR) $(DESTDIR)$(LIBDIR_INSTALL)/libnbdkit_async.so
+	install -m 644 $(HEADER) $(wildcard include/*.hpp) $(DESTDIR)$(INCDIR_INSTALL)/
+	install -m 644 $(BUILD)/nbdkit-async.pc $(DESTDIR)$(LIBDIR_INSTALL)/pkgconfig/
+
+uninstall:
+	rm -f $(DESTDIR)$(LIBDIR_INSTALL)/libnbdkit_async.a $(DESTDIR)$(LIBDIR_INSTALL)/libnbdkit_async.so*
+	rm -f $(DESTDIR)$(INCDIR_INSTALL)/nbdkit-async.h $(DESTDIR)$(INCDIR_INSTALL)/nbdkit-async.hpp
+	rm -f $(DESTDIR)$(LIBDIR_INSTALL)/pkgconfig/nbdkit-async.pc
 
 demo: all
 	@echo "Serving a 1 GiB in-memory disk with 10 ms latency. In another terminal:"

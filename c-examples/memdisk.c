@@ -14,9 +14,15 @@
  *                 [--latency-ms N] [--workers N] [--readonly] [--export NAME]...
  *                 [--max-inflight N] [--max-connections N]
  *                 [--handshake-timeout-ms N] [--request-timeout-ms N]
+ *                 [--fd N]
+ *
+ * --fd N serves one client already connected on descriptor N (0 when a
+ * client starts us over a socketpair) and exits when it leaves. Sockets
+ * from systemd socket activation are served too. SIGUSR1 prints stats.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <inttypes.h>
 #include <getopt.h>
 #include <pthread.h>
 #include <signal.h>
@@ -331,11 +337,34 @@ static const struct nbdkit_plugin_lowlevel plugin = {
   .list_exports = md_list_exports,
 };
 
-static void
-on_signal (int sig)
+/* Signals are taken by one thread with sigwait, so handling them is
+ * ordinary code: SIGINT/SIGTERM stop the server, SIGUSR1 prints its stats.
+ */
+static sigset_t handled_signals;
+
+static void *
+signal_thread (void *srv)
 {
-  (void) sig;
-  nbdkit_shutdown ();           /* async-signal-safe */
+  for (;;) {
+    int sig;
+    if (sigwait (&handled_signals, &sig) != 0)
+      continue;
+    if (sig == SIGUSR1) {
+      struct nbdkit_stats st;
+      if (nbdkit_server_stats (srv, &st, sizeof st) == 0)
+        fprintf (stderr,
+                 "memdisk: connections %" PRIu64 " (total %" PRIu64 "), "
+                 "in flight %" PRIu64 ", reads %" PRIu64 ", writes %" PRIu64
+                 ", bytes read %" PRIu64 ", bytes written %" PRIu64
+                 ", errors %" PRIu64 "\n",
+                 st.connections, st.connections_total, st.requests_in_flight,
+                 st.requests[0], st.requests[1], st.bytes_read,
+                 st.bytes_written, st.errors);
+      continue;
+    }
+    nbdkit_server_shutdown (srv);
+    return NULL;
+  }
 }
 
 static uint64_t
@@ -363,7 +392,8 @@ usage (void)
            "               [--latency-ms N] [--workers N] [--readonly]"
            " [--export NAME]...\n"
            "               [--max-inflight N] [--max-connections N]\n"
-           "               [--handshake-timeout-ms N] [--request-timeout-ms N]\n");
+           "               [--handshake-timeout-ms N] [--request-timeout-ms N]\n"
+           "               [--fd N]\n");
   exit (EXIT_FAILURE);
 }
 
@@ -377,6 +407,7 @@ main (int argc, char *argv[])
   int workers = 2, readonly = 0;
   long max_inflight = 0, max_connections = 0;
   long handshake_timeout_ms = -1, request_timeout_ms = 0;
+  int client_fd = -1;
 
   static const struct option opts[] = {
     { "unix", required_argument, NULL, 'u' },
@@ -390,6 +421,7 @@ main (int argc, char *argv[])
     { "max-connections", required_argument, NULL, 'c' },
     { "handshake-timeout-ms", required_argument, NULL, 'H' },
     { "request-timeout-ms", required_argument, NULL, 'R' },
+    { "fd", required_argument, NULL, 'f' },
     { NULL, 0, NULL, 0 },
   };
   int c;
@@ -410,13 +442,12 @@ main (int argc, char *argv[])
     case 'c': max_connections = atol (optarg); break;
     case 'H': handshake_timeout_ms = atol (optarg); break;
     case 'R': request_timeout_ms = atol (optarg); break;
+    case 'f': client_fd = atoi (optarg); break;
     default: usage ();
     }
   }
   if (optind != argc || workers < 1 || queue.latency_ms < 0 || max_inflight < 0)
     usage ();
-  if (!unix_path && !tcp)
-    tcp = "127.0.0.1:10809";
 
   if (nnames == 0)
     names[nnames++] = "";
@@ -449,10 +480,27 @@ main (int argc, char *argv[])
     nbdkit_server_set_handshake_timeout_ms (srv, (uint32_t) handshake_timeout_ms);
   nbdkit_server_set_request_timeout_ms (srv, (uint32_t) request_timeout_ms);
 
-  /* Before the URI is printed: whoever reads it may signal us at once. */
-  struct sigaction sa = { .sa_handler = on_signal };
-  sigaction (SIGINT, &sa, NULL);
-  sigaction (SIGTERM, &sa, NULL);
+  /* Before the URI is printed (whoever reads it may signal us at once) and
+   * before any thread starts (they inherit the mask).
+   */
+  sigemptyset (&handled_signals);
+  sigaddset (&handled_signals, SIGINT);
+  sigaddset (&handled_signals, SIGTERM);
+  sigaddset (&handled_signals, SIGUSR1);
+  pthread_sigmask (SIG_BLOCK, &handled_signals, NULL);
+  pthread_t signals;
+  pthread_create (&signals, NULL, signal_thread, srv);
+
+  /* Sockets from systemd socket activation, and a client already
+   * connected on a descriptor, need no address of ours.
+   */
+  int activated = nbdkit_server_listen_systemd (srv);
+  if (activated < 0)
+    return EXIT_FAILURE;
+  if (client_fd >= 0 && nbdkit_server_serve_fd (srv, client_fd) < 0)
+    return EXIT_FAILURE;
+  if (!unix_path && !tcp && activated == 0 && client_fd < 0)
+    tcp = "127.0.0.1:10809";
 
   if (unix_path) {
     if (nbdkit_server_listen_unix (srv, unix_path) < 0)
@@ -471,7 +519,8 @@ main (int argc, char *argv[])
       return EXIT_FAILURE;
     printf ("nbd://%s:%d/%s\n", host, port, export_name);
   }
-  fflush (stdout);
+  if (unix_path || tcp)
+    fflush (stdout);
 
   pthread_condattr_t attr;
   pthread_condattr_init (&attr);
@@ -490,6 +539,10 @@ main (int argc, char *argv[])
   pthread_mutex_unlock (&queue.lock);
   for (int i = 0; i < workers; i++)
     pthread_join (threads[i], NULL);
+
+  /* The loop may have ended without a signal (the --fd client left). */
+  pthread_kill (signals, SIGTERM);
+  pthread_join (signals, NULL);
 
   nbdkit_server_free (srv);
   for (int i = 0; i < ndisks; i++) {

@@ -17,6 +17,22 @@
 #include <stdint.h>
 
 /**
+ * Log levels passed to the log callback (and accepted as the maximum).
+ */
+#define NBDKIT_LOG_ERROR 1
+
+#define NBDKIT_LOG_WARN 2
+
+#define NBDKIT_LOG_INFO 3
+
+/**
+ * Names each option and command as it is handled (NBD_OPT_GO, NBD_CMD_READ).
+ */
+#define NBDKIT_LOG_DEBUG 4
+
+#define NBDKIT_LOG_TRACE 5
+
+/**
  * The write was requested with FUA: it must be on stable storage when
  * the op is replied to. Only passed when `can_fua` returns NBDKIT_FUA_NATIVE.
  */
@@ -85,6 +101,17 @@
  * Any number of I/O callbacks at once, on any handle.
  */
 #define NBDKIT_THREAD_MODEL_PARALLEL 3
+
+/**
+ * Latency histogram buckets: bucket i counts replies that took
+ * [2^i, 2^(i+1)) microseconds (bucket 0 also takes anything faster).
+ */
+#define LATENCY_BUCKETS 32
+
+/**
+ * Request counters, indexed by NBD_CMD_* (READ = 0 ... BLOCK_STATUS = 7).
+ */
+#define COMMANDS 8
 
 /**
  * The export list being built by a `list_exports` callback; add to it
@@ -386,9 +413,94 @@ typedef struct nbdkit_plugin {
   int thread_model;
 } nbdkit_plugin;
 
+/**
+ * A snapshot of a server's counters. New fields are only appended; pass
+ * `sizeof` of the struct you compiled against to `nbdkit_server_stats`.
+ */
+typedef struct nbdkit_stats {
+  /**
+   * Client connections open now.
+   */
+  uint64_t connections;
+  /**
+   * Client connections accepted since the server started.
+   */
+  uint64_t connections_total;
+  /**
+   * Requests handed to the plugin and not yet released by it.
+   */
+  uint64_t requests_in_flight;
+  /**
+   * Requests received, by NBD command number (NBD_CMD_READ = 0,
+   * WRITE = 1, DISC = 2, FLUSH = 3, TRIM = 4, CACHE = 5,
+   * WRITE_ZEROES = 6, BLOCK_STATUS = 7), refused ones included.
+   */
+  uint64_t requests[8];
+  /**
+   * Data bytes sent to clients by successful reads.
+   */
+  uint64_t bytes_read;
+  /**
+   * Data bytes received from clients in writes handed to the plugin.
+   */
+  uint64_t bytes_written;
+  /**
+   * Requests answered with an error (refused, failed or timed out).
+   */
+  uint64_t errors;
+  /**
+   * Reply latency: entry i counts replies that took 2^i to 2^(i+1)
+   * microseconds from request to reply.
+   */
+  uint64_t latency_us_log2[32];
+} nbdkit_stats;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+/**
+ * A descriptor that becomes readable whenever the server has work; watch
+ * it in the host's loop (epoll, poll, asio `posix::stream_descriptor`) and
+ * call `nbdkit_server_process` when it is. It stays valid until
+ * `nbdkit_server_free`; do not read from it or close it.
+ *
+ * Set-up thread only. Returns the descriptor, or a negative errno
+ * (-EBUSY while `nbdkit_main_loop` runs).
+ */
+int nbdkit_server_fd(struct nbdkit_server *srv);
+
+/**
+ * Does whatever work is ready (accepting, reading, replying, timers)
+ * without blocking, and returns. The first call starts the server.
+ * Plugin callbacks run inside this call, on the calling thread, which
+ * must be the same every time.
+ *
+ * Returns 1 while the server runs, 0 once a requested shutdown has
+ * completed (stop watching the descriptor; free the server when your
+ * threads are done with its ops), or a negative errno.
+ */
+int nbdkit_server_process(struct nbdkit_server *srv);
+
+/**
+ * Milliseconds until `nbdkit_server_process` must be called even if the
+ * descriptor stays quiet (a timeout is due), or -1 if only readiness
+ * matters. Ask again after every `nbdkit_server_process`. Set-up thread only.
+ */
+int nbdkit_server_timeout_ms(struct nbdkit_server *srv);
+
+/**
+ * Sends the library's log messages to `callback` instead of stderr, for
+ * messages up to `max_level` (NBDKIT_LOG_*; 0 silences everything).
+ * NULL restores stderr. Process-wide; call it before creating servers.
+ *
+ * The callback may be called from any thread (the loop thread, worker
+ * threads, threads calling reply functions), concurrently; `message` is
+ * valid only during the call. It must not call back into the library.
+ */
+void nbdkit_set_log_callback(void (*callback)(void *user_data, int level, const char *message),
+                             void *user_data,
+                             int max_level);
 
 /**
  * Adds an export to the list a `list_exports` callback is building.
@@ -539,6 +651,27 @@ int nbdkit_server_listen_unix(struct nbdkit_server *srv, const char *path);
 int nbdkit_server_listen_tcp(struct nbdkit_server *srv, const char *host, uint16_t port);
 
 /**
+ * Listens on the sockets systemd passed when socket-activating this
+ * process (LISTEN_PID / LISTEN_FDS, from fd 3), Unix or TCP. Set-up
+ * thread only, before `nbdkit_main_loop`.
+ *
+ * Returns how many sockets were taken (0 when the process was not
+ * socket-activated), or a negative errno.
+ */
+int nbdkit_server_listen_systemd(struct nbdkit_server *srv);
+
+/**
+ * Serves one client already connected on socket `fd` (Unix or TCP), for
+ * example fd 0 of a server started as a client's subprocess over a
+ * socketpair. The server takes ownership of `fd`. If the server has no
+ * listening socket, the loop ends when that client disconnects. Set-up
+ * thread only, before `nbdkit_main_loop`.
+ *
+ * Returns 0 or a negative errno (-ENOTSOCK and the like for a pipe or file).
+ */
+int nbdkit_server_serve_fd(struct nbdkit_server *srv, int fd);
+
+/**
  * Serves the export read-only when `readonly` is non-zero (the plugin's
  * `open` gets readonly=1). Set-up thread only. Returns 0 or a negative errno.
  */
@@ -648,6 +781,19 @@ int nbdkit_server_shutdown(struct nbdkit_server *srv);
  * thread. Servers created afterwards are not affected.
  */
 void nbdkit_shutdown(void);
+
+/**
+ * Fills `out` (of `size` bytes, normally `sizeof *out`) with the server's
+ * counters. Thread-safe: call from any thread at any time while the
+ * server exists. Each counter is exact; together they are a snapshot
+ * taken while the server keeps running.
+ *
+ * Returns 0 or a negative errno.
+ *
+ * # Safety
+ * `out` must point to `size` writable bytes.
+ */
+int nbdkit_server_stats(struct nbdkit_server *srv, struct nbdkit_stats *out, size_t size);
 
 /**
  * Sets the error a synchronous I/O callback reports when it returns -1

@@ -21,6 +21,7 @@ use crate::conn::stream::{interrupted, would_block, Stream};
 use crate::conn::{Connection, Ctx, Next, Op};
 use crate::deadlines::Deadlines;
 use crate::plugin::Plugin;
+use crate::stats::Stats;
 use crate::worker_pool::ThreadModel;
 
 const WAKER: MioToken = MioToken(0);
@@ -37,13 +38,14 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 pub enum Listener {
     Tcp(TcpListener),
-    /// The path is unlinked when the listener is dropped.
-    Unix(UnixListener, PathBuf),
+    /// A path we bound is unlinked when the listener is dropped; one we
+    /// were handed (socket activation) is not ours to remove.
+    Unix(UnixListener, Option<PathBuf>),
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, path) = self {
+        if let Listener::Unix(_, Some(path)) = self {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -103,6 +105,7 @@ pub fn request_global_shutdown() {
 /// What other threads may touch: the completion queue and the stop flag.
 pub struct Shared {
     pub id: usize,
+    pub stats: Stats,
     pub completions: Arc<Completions>,
     pub stop: AtomicBool,
     epoch: u64,
@@ -127,6 +130,7 @@ impl Drop for Shared {
 
 pub struct EventLoop {
     poll: Poll,
+    events: Events,
     pub shared: Arc<Shared>,
     pub plugin: Plugin,
     pub config: Config,
@@ -145,12 +149,13 @@ impl EventLoop {
             .ok_or_else(|| io::Error::other("too many servers in this process"))?;
         let shared = Arc::new(Shared {
             id,
+            stats: Stats::default(),
             completions,
             stop: AtomicBool::new(false),
             epoch: SHUTDOWN_EPOCH.load(Ordering::SeqCst),
         });
         let state = LoopState { ops: OpTable::new(id), next_serial: 1, ..LoopState::default() };
-        Ok(EventLoop { poll, shared, plugin, config: Config::default(), listeners: Vec::new(), state })
+        Ok(EventLoop { poll, events: Events::with_capacity(1024), shared, plugin, config: Config::default(), listeners: Vec::new(), state })
     }
 
     pub fn add_listener(&mut self, mut l: Listener) -> io::Result<()> {
@@ -165,69 +170,121 @@ impl EventLoop {
 
     /// Serves until shutdown, then drains in-flight ops and returns.
     pub fn run(&mut self) -> io::Result<()> {
-        let mut events = Events::with_capacity(1024);
-        let mut touched: Vec<usize> = Vec::new();
+        self.start()?;
+        while !self.step(None)? {}
+        Ok(())
+    }
+
+    /// Prepares to serve: timers and, for a synchronous plugin, workers.
+    /// Idempotent.
+    pub fn start(&mut self) -> io::Result<()> {
+        if self.state.started {
+            return Ok(());
+        }
+        self.state.started = true;
         self.state.handshakes = self.config.handshake_timeout.map(Deadlines::new);
         self.state.requests = self.config.request_timeout.map(Deadlines::new);
         self.plugin.start_workers(self.config.threads)?;
+        for stream in std::mem::take(&mut self.state.pending) {
+            self.admit(stream, Instant::now());
+        }
         log::info!("{}: serving", self.plugin.name);
-        loop {
-            let timeout = self.poll_timeout(Instant::now());
-            match self.poll.poll(&mut events, timeout) {
-                Ok(()) => {}
-                Err(e) if interrupted(&e) => continue,
-                Err(e) => return Err(e),
-            }
-            let now = Instant::now();
-            touched.clear();
-            touched.append(&mut self.state.again);
-            for event in events.iter() {
-                match event.token() {
-                    WAKER | SHUTDOWN => {}
-                    MioToken(t) if t < FIRST_CONN => self.accept(t - FIRST_LISTENER, now),
-                    MioToken(t) => {
-                        let key = t - FIRST_CONN;
-                        if let Some(c) = self.state.conns.get_mut(key) {
-                            if event.is_readable() || event.is_read_closed() || event.is_error() {
-                                c.readable();
-                            }
-                            if event.is_writable() || event.is_write_closed() || event.is_error() {
-                                c.writable();
-                            }
-                            touched.push(key);
+        Ok(())
+    }
+
+    /// The epoll descriptor: readable whenever `step` has work.
+    pub fn fd(&self) -> RawFd {
+        self.poll.as_raw_fd()
+    }
+
+    /// How long until `step` must run even without readiness (timers).
+    pub fn timeout(&self) -> Option<Duration> {
+        self.poll_timeout(Instant::now())
+    }
+
+    /// One turn of the loop: waits up to `max_wait` (None: as long as the
+    /// timers allow), handles what is ready, and returns true once shutdown
+    /// has completed.
+    pub fn step(&mut self, max_wait: Option<Duration>) -> io::Result<bool> {
+        if self.state.finished {
+            return Ok(true);
+        }
+        let timeout = match (self.poll_timeout(Instant::now()), max_wait) {
+            (Some(t), Some(m)) => Some(t.min(m)),
+            (t, m) => t.or(m),
+        };
+        let mut events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+        let polled = self.poll.poll(&mut events, timeout);
+        let result = match polled {
+            Ok(()) => Ok(self.handle(&events)),
+            Err(e) if interrupted(&e) => Ok(false),
+            Err(e) => Err(e),
+        };
+        self.events = events;
+        if result.as_ref().is_ok_and(|&done| done) {
+            self.finish();
+        }
+        result
+    }
+
+    /// Handles one batch of readiness events, then completions and timers.
+    fn handle(&mut self, events: &Events) -> bool {
+        let now = Instant::now();
+        let mut touched = std::mem::take(&mut self.state.touched);
+        touched.clear();
+        touched.append(&mut self.state.again);
+        for event in events.iter() {
+            match event.token() {
+                WAKER | SHUTDOWN => {}
+                MioToken(t) if t < FIRST_CONN => self.accept(t - FIRST_LISTENER, now),
+                MioToken(t) => {
+                    let key = t - FIRST_CONN;
+                    if let Some(c) = self.state.conns.get_mut(key) {
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            c.readable();
                         }
+                        if event.is_writable() || event.is_write_closed() || event.is_error() {
+                            c.writable();
+                        }
+                        touched.push(key);
                     }
                 }
             }
-            if self.state.accept_retry.is_some_and(|at| at <= now) {
-                self.state.accept_retry = None;
-                for i in 0..self.listeners.len() {
-                    self.accept(i, now);
-                }
-            }
-            self.apply_completions(now, &mut touched);
-            self.expire(now, &mut touched);
-            if self.state.stopping_since.is_none() && self.shared.stop_requested() {
-                self.begin_shutdown(now);
-                touched.extend(self.state.conns.iter().map(|(k, _)| k));
-            }
-            if self.state.total_bytes < self.config.max_total_bytes {
-                // Memory was freed: connections starved by the global budget may read again.
-                touched.append(&mut self.state.starved);
-            }
-            touched.sort_unstable();
-            touched.dedup();
-            for &key in &touched {
-                self.service(key, now);
-            }
-            if self.shutdown_complete(now) {
-                break;
+        }
+        if self.state.accept_retry.is_some_and(|at| at <= now) {
+            self.state.accept_retry = None;
+            for i in 0..self.listeners.len() {
+                self.accept(i, now);
             }
         }
+        self.apply_completions(now, &mut touched);
+        self.expire(now, &mut touched);
+        // With no listener, the last client leaving ends the server (as
+        // `nbdkit -s` does for its one client on stdin).
+        let nothing_left = self.listeners.is_empty() && self.state.conns.is_empty();
+        if self.state.stopping_since.is_none() && (self.shared.stop_requested() || nothing_left) {
+            self.begin_shutdown(now);
+            touched.extend(self.state.conns.iter().map(|(k, _)| k));
+        }
+        if self.state.total_bytes < self.config.max_total_bytes {
+            // Memory was freed: connections starved by the global budget may read again.
+            touched.append(&mut self.state.starved);
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for &key in &touched {
+            self.service(key, now);
+        }
+        self.state.touched = touched;
+        self.shutdown_complete(now)
+    }
+
+    /// After shutdown: refuse late replies and release idle connections.
+    fn finish(&mut self) {
+        self.state.finished = true;
         self.shared.completions.close();
         self.release_idle();
         log::info!("{}: stopped", self.plugin.name);
-        Ok(())
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
@@ -256,6 +313,7 @@ impl EventLoop {
             plugin: &self.plugin,
             config: &self.config,
             ops: &mut s.ops,
+            stats: &self.shared.stats,
             timeouts: s.requests.as_mut(),
             now,
             over_budget: s.total_bytes >= self.config.max_total_bytes,
@@ -280,11 +338,24 @@ impl EventLoop {
                     return;
                 }
             };
-            let s = &mut self.state;
-            if self.config.max_connections != 0 && s.conns.len() >= self.config.max_connections {
-                log::warn!("refusing a client: {} connections is the limit", self.config.max_connections);
-                continue;
-            }
+            self.admit(stream, now);
+        }
+    }
+
+    /// Serves a client the server did not accept itself (socket activation
+    /// of a single connection, stdin): it is admitted when the loop starts.
+    pub fn add_connection(&mut self, stream: Stream) {
+        self.state.pending.push(stream);
+    }
+
+    /// Takes a new client in: registered, counted, greeted unless it must wait.
+    fn admit(&mut self, stream: Stream, now: Instant) {
+        let s = &mut self.state;
+        if self.config.max_connections != 0 && s.conns.len() >= self.config.max_connections {
+            log::warn!("refusing a client: {} connections is the limit", self.config.max_connections);
+            return;
+        }
+        {
             let key = s.conns.vacant_key();
             let serial = s.next_serial;
             s.next_serial += 1;
@@ -294,13 +365,14 @@ impl EventLoop {
             let stream = conn.stream_mut().expect("new connection");
             if let Err(e) = self.poll.registry().register(stream, MioToken(FIRST_CONN + key), Interest::READABLE | Interest::WRITABLE) {
                 log::warn!("cannot register connection: {e}");
-                continue;
+                return;
             }
             s.total_bytes += conn.held_total();
             s.conns.insert(conn);
+            self.shared.stats.connected();
             if wait {
                 s.waiting.push_back((key, serial));
-                continue;
+                return;
             }
             if let Some(h) = s.handshakes.as_mut() {
                 h.arm(now, (key, serial));
@@ -364,6 +436,7 @@ impl EventLoop {
         if finished {
             let mut conn = s.conns.remove(key);
             s.total_bytes -= conn.held_total();
+            self.shared.stats.disconnected();
             if let Some(stream) = conn.stream_mut() {
                 let _ = self.poll.registry().deregister(stream);
             }
@@ -476,4 +549,10 @@ struct LoopState {
     waiting: VecDeque<(usize, u64)>,
     stopping_since: Option<Instant>,
     grace_expired: bool,
+    started: bool,
+    finished: bool,
+    /// Reused from one turn to the next.
+    touched: Vec<usize>,
+    /// Clients handed over before the loop started.
+    pending: Vec<Stream>,
 }

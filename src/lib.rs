@@ -4,6 +4,7 @@
 //! and return at once, and the plugin answers each op later, from any
 //! thread, with `nbdkit_reply*`. See README.md and include/nbdkit-async.h.
 
+pub mod adopt;
 pub mod completion;
 pub mod config;
 pub mod conn;
@@ -13,4 +14,5 @@ pub mod ffi;
 pub mod logging;
 pub mod plugin;
 pub mod protocol;
+pub mod stats;
 pub mod worker_pool;

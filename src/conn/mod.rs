@@ -13,6 +13,7 @@ use std::time::Instant;
 use crate::completion::{OpTable, Outcome, Token};
 use crate::config::Config;
 use crate::deadlines::Deadlines;
+use crate::stats::Stats;
 use crate::ffi::plugin::{NBDKIT_EXTENT_ZERO, NBDKIT_FLAG_FAST_ZERO, NBDKIT_FLAG_FUA, NBDKIT_FLAG_MAY_TRIM, NBDKIT_FLAG_REQ_ONE};
 use crate::plugin::{Handle, Io, Plugin};
 use crate::protocol::codec::{self, RequestHeader};
@@ -46,6 +47,7 @@ pub struct Op {
     pub answered: bool,
     /// The plugin was told, through its `cancel` callback.
     cancelled: bool,
+    started: Instant,
 }
 
 impl Op {
@@ -63,6 +65,7 @@ pub struct Ctx<'a> {
     pub plugin: &'a Plugin,
     pub config: &'a Config,
     pub ops: &'a mut OpTable<Op>,
+    pub stats: &'a Stats,
     /// Per-request deadlines, when a request timeout is set.
     pub timeouts: Option<&'a mut Deadlines<Token>>,
     pub now: Instant,
@@ -346,6 +349,7 @@ impl Connection {
         match event {
             Event::Request(req) => self.dispatch(req, ctx),
             Event::Reject { header, error } => {
+                ctx.stats.rejected(header.cmd);
                 log::debug!("{} cookie {:#x} rejected: error {error}", cmd_name(header.cmd), header.cookie);
                 self.queue_error(&header, error);
             }
@@ -395,7 +399,9 @@ impl Connection {
             flush_after: fua && caps.fua == FuaMode::Emulate,
             answered: false,
             cancelled: false,
+            started: ctx.now,
         };
+        ctx.stats.started(h.cmd, if io == Io::Write { h.length as usize } else { 0 });
         let held = op.held_bytes();
         let token = ctx.ops.insert(op).expect("paused() keeps the table from filling");
         self.inflight += 1;
@@ -406,7 +412,7 @@ impl Connection {
             Ok(()) => ctx.arm_timeout(token),
             Err(errno) => {
                 let op = ctx.ops.remove(token).expect("plugin refused it");
-                self.finish(op, Outcome::Error(errno));
+                self.finish(op, Outcome::Error(errno), ctx.stats);
             }
         }
     }
@@ -417,7 +423,7 @@ impl Connection {
         if op.answered {
             log::warn!("{} cookie {:#x}: late reply after the client was answered; ignored", cmd_name(op.cmd), op.cookie);
             let op = ctx.ops.remove(token).expect("live op");
-            self.release(&op);
+            self.release(&op, ctx.stats);
             return;
         }
         if op.flush_after && outcome == Outcome::Done {
@@ -429,13 +435,13 @@ impl Connection {
                 Ok(()) => ctx.arm_timeout(new_token),
                 Err(errno) => {
                     let op = ctx.ops.remove(new_token).expect("live op");
-                    self.finish(op, Outcome::Error(errno));
+                    self.finish(op, Outcome::Error(errno), ctx.stats);
                 }
             }
             return;
         }
         let op = ctx.ops.remove(token).expect("caller looked it up");
-        self.finish(op, outcome);
+        self.finish(op, outcome, ctx.stats);
     }
 
     /// Answers the client now with `errno` while the plugin still holds the
@@ -447,6 +453,7 @@ impl Connection {
             return;
         }
         op.answered = true;
+        ctx.stats.replied(0, true, op.started.elapsed());
         log::warn!("{} cookie {:#x}: no reply from the plugin in time; answering {}", cmd_name(op.cmd), op.cookie, io::Error::from_raw_os_error(errno));
         let header = op.header();
         if self.stream.is_some() {
@@ -480,17 +487,19 @@ impl Connection {
     }
 
     /// Forgets an op: it no longer counts against this connection.
-    fn release(&mut self, op: &Op) {
+    fn release(&mut self, op: &Op, stats: &Stats) {
+        stats.released();
         self.inflight -= 1;
         self.held_bytes -= op.held_bytes();
     }
 
-    fn finish(&mut self, mut op: Op, outcome: Outcome) {
-        self.release(&op);
+    fn finish(&mut self, mut op: Op, outcome: Outcome, stats: &Stats) {
+        self.release(&op, stats);
         if self.stream.is_none() {
             return; // client gone: the reply has nowhere to go
         }
         let header = op.header();
+        let started = op.started;
         let misuse = |what: &str| {
             log::error!("plugin misuse: {what} for {} of {} bytes; answering EIO", cmd_name(header.cmd), header.length);
             Err(libc::EIO)
@@ -514,9 +523,14 @@ impl Connection {
             (_, Outcome::Done) => Ok(self.output.push_reply(codec::simple_reply(op.cookie, 0), Vec::new())),
             (_, _) => misuse("a data reply"),
         };
-        if let Err(errno) = result {
-            log::debug!("{} cookie {:#x} failed: {}", cmd_name(header.cmd), header.cookie, io::Error::from_raw_os_error(errno));
-            self.queue_error(&header, nbd_errno(errno, header.flags));
+        let read_bytes = if header.cmd == CMD_READ { header.length as usize } else { 0 };
+        match result {
+            Ok(()) => stats.replied(read_bytes, false, started.elapsed()),
+            Err(errno) => {
+                log::debug!("{} cookie {:#x} failed: {}", cmd_name(header.cmd), header.cookie, io::Error::from_raw_os_error(errno));
+                self.queue_error(&header, nbd_errno(errno, header.flags));
+                stats.replied(0, true, started.elapsed());
+            }
         }
     }
 

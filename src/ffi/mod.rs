@@ -3,9 +3,12 @@
 #![allow(non_camel_case_types)]
 //! body runs inside [`guard`] so no panic unwinds into C.
 
+pub mod embed;
+pub mod logging;
 pub mod plugin;
 pub mod reply;
 pub mod server;
+pub mod stats;
 pub mod sync_plugin;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

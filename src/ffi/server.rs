@@ -26,19 +26,22 @@ pub struct nbdkit_server {
     _private: [u8; 0],
 }
 
-struct Server {
-    phase: Mutex<Phase>,
-    shared: Arc<Shared>,
+pub(super) struct Server {
+    pub(super) phase: Mutex<Phase>,
+    pub(super) shared: Arc<Shared>,
 }
 
-enum Phase {
+pub(super) enum Phase {
     Setup(EventLoop),
+    /// `nbdkit_main_loop` has the loop.
     Running,
+    /// The host drives the loop with `nbdkit_server_process`.
+    Embedded(EventLoop),
     /// Kept until `nbdkit_server_free`: ops the plugin still holds live here.
     Finished(#[allow(dead_code)] EventLoop),
 }
 
-fn server<'a>(p: *const nbdkit_server) -> Option<&'a Server> {
+pub(super) fn server<'a>(p: *const nbdkit_server) -> Option<&'a Server> {
     // SAFETY: a non-NULL pointer from C is one nbdkit_server_new returned
     // and nbdkit_server_free has not released (the API contract).
     unsafe { p.cast::<Server>().as_ref() }
@@ -201,7 +204,7 @@ pub unsafe extern "C" fn nbdkit_server_listen_unix(srv: *mut nbdkit_server, path
                 return neg(e.raw_os_error().unwrap_or(libc::EIO));
             }
         };
-        match l.add_listener(Listener::Unix(listener, path)) {
+        match l.add_listener(Listener::Unix(listener, Some(path))) {
             Ok(()) => 0,
             Err(e) => neg(e.raw_os_error().unwrap_or(libc::EINVAL)),
         }
@@ -247,6 +250,53 @@ pub unsafe extern "C" fn nbdkit_server_listen_tcp(srv: *mut nbdkit_server, host:
             }
         }
         if bound == 0 { neg(libc::EADDRNOTAVAIL) } else { bound as c_int }
+    })
+}
+
+/// Listens on the sockets systemd passed when socket-activating this
+/// process (LISTEN_PID / LISTEN_FDS, from fd 3), Unix or TCP. Set-up
+/// thread only, before `nbdkit_main_loop`.
+///
+/// Returns how many sockets were taken (0 when the process was not
+/// socket-activated), or a negative errno.
+#[unsafe(no_mangle)]
+pub extern "C" fn nbdkit_server_listen_systemd(srv: *mut nbdkit_server) -> c_int {
+    with_setup(srv, "nbdkit_server_listen_systemd", |l| {
+        let listeners = match crate::adopt::systemd_listeners() {
+            Ok(v) => v,
+            Err(e) => {
+                log::error!("socket activation: {e}");
+                return neg(e.raw_os_error().unwrap_or(libc::EINVAL));
+            }
+        };
+        let n = listeners.len() as c_int;
+        for listener in listeners {
+            if let Err(e) = l.add_listener(listener) {
+                return neg(e.raw_os_error().unwrap_or(libc::EINVAL));
+            }
+        }
+        n
+    })
+}
+
+/// Serves one client already connected on socket `fd` (Unix or TCP), for
+/// example fd 0 of a server started as a client's subprocess over a
+/// socketpair. The server takes ownership of `fd`. If the server has no
+/// listening socket, the loop ends when that client disconnects. Set-up
+/// thread only, before `nbdkit_main_loop`.
+///
+/// Returns 0 or a negative errno (-ENOTSOCK and the like for a pipe or file).
+#[unsafe(no_mangle)]
+pub extern "C" fn nbdkit_server_serve_fd(srv: *mut nbdkit_server, fd: c_int) -> c_int {
+    with_setup(srv, "nbdkit_server_serve_fd", |l| match crate::adopt::connected_stream(fd) {
+        Ok(stream) => {
+            l.add_connection(stream);
+            0
+        }
+        Err(e) => {
+            log::error!("nbdkit_server_serve_fd: fd {fd}: {e}");
+            neg(e.raw_os_error().unwrap_or(libc::EINVAL))
+        }
     })
 }
 
