@@ -280,9 +280,11 @@ impl Plugin {
 
     /// Hands an op to the plugin. `buf` is the read buffer or write payload.
     /// `Err(errno)` means the plugin refused it at once and will not reply.
-    pub fn start(&self, io: Io, token: Token, h: Handle, buf: &mut [u8], count: u32, offset: u64, flags: u32) -> Result<(), i32> {
+    /// `conn` is the connection's serial (thread models serialize by it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(&self, io: Io, token: Token, conn: u64, h: Handle, buf: &mut [u8], count: u32, offset: u64, flags: u32) -> Result<(), i32> {
         if let Some(pool) = &self.pool {
-            pool.submit(Job { token, io, handle: h, buf: buf.as_mut_ptr(), count, offset, flags });
+            pool.submit(Job { token, conn, io, handle: h, buf: buf.as_mut_ptr(), count, offset, flags });
             return Ok(());
         }
         let op = token.0 as usize as *mut nbdkit_op;

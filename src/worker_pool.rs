@@ -41,6 +41,9 @@ impl ThreadModel {
 /// table, which stays put until the op is completed.
 pub struct Job {
     pub token: Token,
+    /// The connection's serial: SERIALIZE_REQUESTS is per connection, and
+    /// plugins may hand every connection the same handle.
+    pub conn: u64,
     pub io: Io,
     pub handle: Handle,
     pub buf: *mut u8,
@@ -110,14 +113,11 @@ impl SyncIo {
 
 struct State {
     queue: VecDeque<Job>,
-    /// Handles with a callback running (for SERIALIZE_REQUESTS).
-    busy: Vec<*mut c_void>,
+    /// Connections with a callback running (for SERIALIZE_REQUESTS).
+    busy: Vec<u64>,
     running: usize,
     stopping: bool,
 }
-
-// SAFETY: the raw handles in `busy` are only compared, never dereferenced.
-unsafe impl Send for State {}
 
 struct Shared {
     state: Mutex<State>,
@@ -131,7 +131,7 @@ impl Shared {
     fn runnable(&self, s: &State) -> Option<usize> {
         match self.model {
             ThreadModel::Parallel => (!s.queue.is_empty()).then_some(0),
-            ThreadModel::SerializeRequests => s.queue.iter().position(|j| !s.busy.contains(&j.handle.0)),
+            ThreadModel::SerializeRequests => s.queue.iter().position(|j| !s.busy.contains(&j.conn)),
             ThreadModel::SerializeAllRequests | ThreadModel::SerializeConnections => {
                 (s.running == 0 && !s.queue.is_empty()).then_some(0)
             }
@@ -150,7 +150,7 @@ impl Shared {
             };
             let job = s.queue.remove(i).expect("index from runnable");
             s.running += 1;
-            s.busy.push(job.handle.0);
+            s.busy.push(job.conn);
             drop(s);
             let outcome = self.io.run(&job);
             if let Err(e) = completion::complete(job.token, outcome) {
@@ -158,7 +158,7 @@ impl Shared {
             }
             s = self.state.lock();
             s.running -= 1;
-            let at = s.busy.iter().position(|&h| h == job.handle.0).expect("marked busy above");
+            let at = s.busy.iter().position(|&c| c == job.conn).expect("marked busy above");
             s.busy.swap_remove(at);
             if self.model != ThreadModel::Parallel {
                 // A job that waited for this one may run now.

@@ -319,6 +319,20 @@ def test_serialize_requests(start):
     assert st["max_open"] == 3, srv.report()
 
 
+def test_serialize_requests_is_per_connection_not_per_handle(start):
+    """SERIALIZE_REQUESTS serializes per connection (nbdkit's meaning, and
+    the header's "connections overlap"), even when the plugin's open returns
+    the same handle pointer for every connection, as a plugin with no
+    per-connection state does (or one with open == NULL, whose handle is
+    user_data)."""
+    srv = start("serialize-requests", "--shared-handle", "--sleep-ms", SLEEP_MS)
+    st = serve_clients(srv, 3, 12)
+    assert st["max_open"] == 3, srv.report()
+    assert st["max_global"] > 1, (
+        "three connections sharing one handle pointer never overlapped: "
+        "SERIALIZE_REQUESTS behaved like SERIALIZE_ALL_REQUESTS\n" + srv.report())
+
+
 def test_serialize_all_requests(start):
     """SERIALIZE_ALL_REQUESTS: one callback at a time in the whole server,
     while several clients stay connected at once."""
@@ -499,6 +513,8 @@ def test_errors(start, err):
         assert h.pread(4096, 0) == pattern(0, 4096)
         h.zero(4096, 3 * MiB)
         assert h.pread(4096, 3 * MiB) == bytes(4096)
+        h.trim(4096, 4 * MiB)
+        h.cache(4096, 0)
         # Errors in flight together with successes.
         rbufs = [nbd.Buffer(4096) for _ in range(6)]
         cookies = [h.aio_pread(rbufs[0], ERRNO_ZERO_OFFSET), h.aio_pread(rbufs[1], 5 * MiB),
@@ -511,3 +527,56 @@ def test_errors(start, err):
     finally:
         close(h)
     srv.stop()
+
+
+# ---------------------------------------------------------------- lifetimes
+
+@pytest.mark.parametrize("model", ["parallel", "serialize-all-requests"])
+def test_client_vanishes_with_ops_in_flight(start, model):
+    """A client that hangs up (no NBD_CMD_DISC) with callbacks running and
+    queued: its handle is closed only after the last callback returned (the
+    harness reports a close with callbacks running, ASan a use after free),
+    and the server keeps serving others."""
+    srv = start(model, "--threads", 4, "--sleep-ms", 100)
+    h = connect(srv)
+    other = None
+    try:
+        bufs = [nbd.Buffer(4 * KiB) for _ in range(12)]
+        for i, buf in enumerate(bufs):
+            h.aio_pread(buf, i * 4 * KiB)
+        h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(noise(9, 4 * KiB))), 12 * MiB)
+        time.sleep(0.15)                    # some running, the rest queued
+        h.__del__()                          # nbd_close: just hang up
+        del h._o
+        other = connect(srv)
+        assert other.pread(4 * KiB, 8 * MiB) == pattern(8 * MiB, 4 * KiB)
+        deadline = time.monotonic() + IO_TIMEOUT
+        while srv.err().count("finished") < 1:
+            assert time.monotonic() < deadline, "vanished client's connection never finished\n" + srv.report()
+            time.sleep(0.02)
+    finally:
+        close(h)
+        if other is not None:
+            close(other)
+    st = srv.stop()
+    assert st["opens"] == 2, srv.report()
+
+
+def test_sigterm_with_ops_in_flight(start):
+    """SIGTERM while a client has callbacks running and queued: every op
+    read before the shutdown is still answered (successfully), then the
+    server exits 0."""
+    srv = start("parallel", "--threads", 2, "--sleep-ms", 150)
+    h = connect(srv)
+    try:
+        bufs = [nbd.Buffer(4 * KiB) for _ in range(8)]
+        cookies = [h.aio_pread(buf, MiB + i * 4 * KiB) for i, buf in enumerate(bufs)]
+        time.sleep(0.3)                     # all read; 4 done or running, 4 queued
+        st = srv.stop()
+        assert st["calls"] == 8, srv.report()
+        results = wait_aio(h, cookies, timeout=5)
+        assert all(results[c] is None for c in cookies), results
+        for i, buf in enumerate(bufs):
+            assert buf.to_bytearray() == pattern(MiB + i * 4 * KiB, 4 * KiB), i
+    finally:
+        close(h)

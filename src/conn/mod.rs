@@ -408,7 +408,7 @@ impl Connection {
         self.held_bytes += held;
         let handle = self.handle.expect("transmission implies a handle");
         let op = ctx.ops.get(token).expect("just inserted");
-        match ctx.plugin.start(io, token, handle, &mut op.buf, h.length, h.offset, flags) {
+        match ctx.plugin.start(io, token, self.serial, handle, &mut op.buf, h.length, h.offset, flags) {
             Ok(()) => ctx.arm_timeout(token),
             Err(errno) => {
                 let op = ctx.ops.remove(token).expect("plugin refused it");
@@ -431,7 +431,7 @@ impl Connection {
             let new_token = ctx.ops.renew(token).expect("live op");
             let handle = self.handle.expect("ops imply a handle");
             log::trace!("emulating FUA with a flush");
-            match ctx.plugin.start(Io::Flush, new_token, handle, &mut [], 0, 0, 0) {
+            match ctx.plugin.start(Io::Flush, new_token, self.serial, handle, &mut [], 0, 0, 0) {
                 Ok(()) => ctx.arm_timeout(new_token),
                 Err(errno) => {
                     let op = ctx.ops.remove(new_token).expect("live op");

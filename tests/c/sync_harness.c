@@ -2,7 +2,7 @@
  * nbdkit_server_new_sync) on an in-memory disk, for tests/test_sync_api.py.
  *
  *   sync_harness --model MODEL --unix PATH [--threads N] [--sleep-ms N]
- *                [--fail-errno E] [--size BYTES]
+ *                [--fail-errno E] [--size BYTES] [--shared-handle]
  *
  * MODEL is serialize-connections, serialize-all-requests, serialize-requests
  * or parallel: the thread_model the plugin declares. --threads N calls
@@ -14,7 +14,9 @@
  * What is recorded (atomics): the most I/O callbacks (pread, pwrite, flush,
  * trim, zero, cache) running at once in the whole server and on any one
  * handle, and the most handles (connections) open at once. Every open
- * returns a fresh handle struct, freed by close.
+ * returns a fresh handle struct, freed by close; with --shared-handle every
+ * open returns the same static struct instead (as a plugin without per-
+ * connection state does), so max_per_handle then counts all connections.
  *
  * --fail-errno E turns on the error paths:
  *   pwrite                 nbdkit_set_error(E), errno = EINVAL, returns -1
@@ -65,6 +67,8 @@ static uint64_t disk_size = 16 * MIB;
 static pthread_mutex_t disk_lock = PTHREAD_MUTEX_INITIALIZER;
 static long sleep_ms;
 static int fail_errno;
+static int shared_handle;
+static struct handle the_shared_handle;
 
 static atomic_int cur_global, max_global, max_per_handle;
 static atomic_int cur_open, max_open, opens, closes, calls;
@@ -148,12 +152,13 @@ h_open (void *user_data, int readonly, const char *export_name)
   (void) readonly; (void) export_name;
   if (user_data != &disk)
     harness_error ("open: user_data %p, expected %p", user_data, (void *) &disk);
-  struct handle *h = calloc (1, sizeof *h);
+  struct handle *h = shared_handle ? &the_shared_handle : calloc (1, sizeof *h);
   if (h == NULL)
     return NULL;
   h->magic = HANDLE_MAGIC;
   h->id = (unsigned) atomic_fetch_add (&opens, 1) + 1;
-  atomic_init (&h->running, 0);
+  if (!shared_handle)
+    atomic_init (&h->running, 0);
   update_max (&max_open, atomic_fetch_add (&cur_open, 1) + 1);
   return h;
 }
@@ -162,11 +167,13 @@ static void
 h_close (void *hv)
 {
   struct handle *h = check_handle (hv, "close");
+  atomic_fetch_sub (&cur_open, 1);
+  atomic_fetch_add (&closes, 1);
+  if (shared_handle)
+    return;
   if (atomic_load (&h->running) != 0)
     harness_error ("close of handle %u with %d callbacks running",
                    h->id, atomic_load (&h->running));
-  atomic_fetch_sub (&cur_open, 1);
-  atomic_fetch_add (&closes, 1);
   h->magic = 0;
   free (h);
 }
@@ -313,7 +320,7 @@ usage (void)
   fprintf (stderr,
            "usage: sync_harness --model serialize-connections|serialize-all-requests|"
            "serialize-requests|parallel --unix PATH [--threads N] [--sleep-ms N]"
-           " [--fail-errno E] [--size BYTES]\n");
+           " [--fail-errno E] [--size BYTES] [--shared-handle]\n");
   exit (2);
 }
 
@@ -327,6 +334,7 @@ main (int argc, char *argv[])
     { "sleep-ms", required_argument, NULL, 's' },
     { "fail-errno", required_argument, NULL, 'e' },
     { "size", required_argument, NULL, 'S' },
+    { "shared-handle", no_argument, NULL, 'H' },
     { NULL, 0, NULL, 0 },
   };
   const char *unix_path = NULL, *model = NULL;
@@ -342,6 +350,7 @@ main (int argc, char *argv[])
     case 's': sleep_ms = strtol (optarg, NULL, 10); break;
     case 'e': fail_errno = (int) strtol (optarg, NULL, 10); break;
     case 'S': disk_size = strtoull (optarg, NULL, 10); break;
+    case 'H': shared_handle = 1; break;
     default: usage ();
     }
   }
