@@ -14,7 +14,8 @@
  *                 [--latency-ms N] [--workers N] [--readonly] [--export NAME]...
  *                 [--max-inflight N] [--max-connections N]
  *                 [--handshake-timeout-ms N] [--request-timeout-ms N]
- *                 [--fd N]
+ *                 [--fd N] [--tls=off|on|require] [--tls-certificates DIR]
+ *                 [--tls-verify-peer]
  *
  * --fd N serves one client already connected on descriptor N (0 when a
  * client starts us over a socketpair) and exits when it leaves. Sockets
@@ -393,7 +394,8 @@ usage (void)
            " [--export NAME]...\n"
            "               [--max-inflight N] [--max-connections N]\n"
            "               [--handshake-timeout-ms N] [--request-timeout-ms N]\n"
-           "               [--fd N]\n");
+           "               [--fd N] [--tls=off|on|require] [--tls-certificates DIR]\n"
+           "               [--tls-verify-peer]\n");
   exit (EXIT_FAILURE);
 }
 
@@ -408,6 +410,8 @@ main (int argc, char *argv[])
   long max_inflight = 0, max_connections = 0;
   long handshake_timeout_ms = -1, request_timeout_ms = 0;
   int client_fd = -1;
+  int tls = NBDKIT_TLS_OFF, tls_verify_peer = 0;
+  const char *tls_certificates = NULL;
 
   static const struct option opts[] = {
     { "unix", required_argument, NULL, 'u' },
@@ -422,6 +426,9 @@ main (int argc, char *argv[])
     { "handshake-timeout-ms", required_argument, NULL, 'H' },
     { "request-timeout-ms", required_argument, NULL, 'R' },
     { "fd", required_argument, NULL, 'f' },
+    { "tls", required_argument, NULL, 'T' },
+    { "tls-certificates", required_argument, NULL, 'C' },
+    { "tls-verify-peer", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
   };
   int c;
@@ -443,6 +450,14 @@ main (int argc, char *argv[])
     case 'H': handshake_timeout_ms = atol (optarg); break;
     case 'R': request_timeout_ms = atol (optarg); break;
     case 'f': client_fd = atoi (optarg); break;
+    case 'T':
+      if (strcmp (optarg, "off") == 0) tls = NBDKIT_TLS_OFF;
+      else if (strcmp (optarg, "on") == 0) tls = NBDKIT_TLS_ALLOW;
+      else if (strcmp (optarg, "require") == 0) tls = NBDKIT_TLS_REQUIRE;
+      else usage ();
+      break;
+    case 'C': tls_certificates = optarg; break;
+    case 'V': tls_verify_peer = 1; break;
     default: usage ();
     }
   }
@@ -479,6 +494,13 @@ main (int argc, char *argv[])
   if (handshake_timeout_ms >= 0)
     nbdkit_server_set_handshake_timeout_ms (srv, (uint32_t) handshake_timeout_ms);
   nbdkit_server_set_request_timeout_ms (srv, (uint32_t) request_timeout_ms);
+  if (tls != NBDKIT_TLS_OFF) {
+    if (tls_certificates == NULL ||
+        nbdkit_server_set_tls_certificates (srv, tls_certificates) < 0)
+      usage ();
+    nbdkit_server_set_tls (srv, tls);
+    nbdkit_server_set_tls_verify_peer (srv, tls_verify_peer);
+  }
 
   /* Before the URI is printed (whoever reads it may signal us at once) and
    * before any thread starts (they inherit the mask).
@@ -505,7 +527,8 @@ main (int argc, char *argv[])
   if (unix_path) {
     if (nbdkit_server_listen_unix (srv, unix_path) < 0)
       return EXIT_FAILURE;
-    printf ("nbd+unix:///%s?socket=%s\n", export_name, unix_path);
+    printf ("nbd%s+unix:///%s?socket=%s\n", tls == NBDKIT_TLS_REQUIRE ? "s" : "",
+            export_name, unix_path);
   }
   if (tcp) {
     char host[256];
@@ -517,7 +540,8 @@ main (int argc, char *argv[])
     int port = nbdkit_server_listen_tcp (srv, host, (uint16_t) atoi (colon + 1));
     if (port < 0)
       return EXIT_FAILURE;
-    printf ("nbd://%s:%d/%s\n", host, port, export_name);
+    printf ("nbd%s://%s:%d/%s\n", tls == NBDKIT_TLS_REQUIRE ? "s" : "",
+            host, port, export_name);
   }
   if (unix_path || tcp)
     fflush (stdout);

@@ -103,6 +103,22 @@
 #define NBDKIT_THREAD_MODEL_PARALLEL 3
 
 /**
+ * No TLS: NBD_OPT_STARTTLS is refused (the default).
+ */
+#define NBDKIT_TLS_OFF 0
+
+/**
+ * Clients may start TLS, or stay in plaintext.
+ */
+#define NBDKIT_TLS_ALLOW 1
+
+/**
+ * Clients must start TLS first: every other option is answered
+ * NBD_REP_ERR_TLS_REQD, and not even the export list is shown before.
+ */
+#define NBDKIT_TLS_REQUIRE 2
+
+/**
  * Latency histogram buckets: bucket i counts replies that took
  * [2^i, 2^(i+1)) microseconds (bucket 0 also takes anything faster).
  */
@@ -801,6 +817,59 @@ int nbdkit_server_stats(struct nbdkit_server *srv, struct nbdkit_stats *out, siz
  * the callback, before returning. Has no effect elsewhere.
  */
 void nbdkit_set_error(int errnum);
+
+/**
+ * Sets the TLS mode (NBDKIT_TLS_*). A mode other than OFF needs
+ * certificates (`nbdkit_server_set_tls_certificates` or
+ * `nbdkit_server_set_tls_pem`); `nbdkit_main_loop` fails without them.
+ * Set-up thread only. Returns 0 or a negative errno.
+ */
+int nbdkit_server_set_tls(struct nbdkit_server *srv, int mode);
+
+/**
+ * Loads the server's certificate and key from a directory laid out as
+ * nbdkit, qemu and libnbd expect: `server-cert.pem` (the chain, leaf
+ * first) and `server-key.pem`, plus `ca-cert.pem` if present (used to
+ * verify clients, see `nbdkit_server_set_tls_verify_peer`). The files
+ * are read now. Set-up thread only. Returns 0 or a negative errno.
+ *
+ * # Safety
+ * `dir` must be a NUL-terminated string.
+ */
+int nbdkit_server_set_tls_certificates(struct nbdkit_server *srv, const char *dir);
+
+/**
+ * Sets the server's certificate chain and key, and optionally the CA
+ * for client verification, from PEM text in memory (copied). `ca_pem`
+ * may be NULL. Set-up thread only. Returns 0 or a negative errno.
+ *
+ * # Safety
+ * Each non-NULL argument must be a NUL-terminated string.
+ */
+int nbdkit_server_set_tls_pem(struct nbdkit_server *srv,
+                              const char *certificate_chain_pem,
+                              const char *private_key_pem,
+                              const char *ca_pem);
+
+/**
+ * Requires TLS clients to present a certificate signed by the CA
+ * (`ca-cert.pem`, or `ca_pem`) when `verify` is non-zero: mutual TLS.
+ * Others fail the TLS handshake. Set-up thread only. Returns 0 or a
+ * negative errno.
+ */
+int nbdkit_server_set_tls_verify_peer(struct nbdkit_server *srv, int verify);
+
+/**
+ * The verified certificate (DER) the TLS client presented, for access
+ * control. Only meaningful inside the plugin's `open` callback: it
+ * returns NULL elsewhere, and when the client did not use TLS or sent no
+ * certificate. `len` (if not NULL) receives its size. The bytes are valid
+ * until `open` returns.
+ *
+ * # Safety
+ * `len` must be NULL or point to a writable size_t.
+ */
+const uint8_t *nbdkit_tls_peer_certificate(size_t *len);
 
 #ifdef __cplusplus
 }  // extern "C"

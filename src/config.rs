@@ -1,6 +1,10 @@
 //! Server settings, fixed before the loop starts.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::protocol::handshake::TlsMode;
+use crate::tls::TlsSettings;
 
 /// Default cap on ops in flight per connection.
 pub(crate) const DEFAULT_MAX_INFLIGHT: usize = 4096;
@@ -31,6 +35,10 @@ pub struct Config {
     pub shutdown_grace: Option<Duration>,
     /// Worker threads for a synchronous plugin.
     pub threads: usize,
+    pub tls_mode: TlsMode,
+    pub tls_settings: TlsSettings,
+    /// Built from `tls_settings` when the loop starts.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for Config {
@@ -47,6 +55,9 @@ impl Default for Config {
             request_timeout: None,
             shutdown_grace: None,
             threads: DEFAULT_THREADS,
+            tls_mode: TlsMode::Off,
+            tls_settings: TlsSettings::default(),
+            tls: None,
         }
     }
 }

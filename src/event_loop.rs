@@ -21,6 +21,7 @@ use crate::conn::stream::{interrupted, would_block, Stream};
 use crate::conn::{Connection, Ctx, Next, Op};
 use crate::deadlines::Deadlines;
 use crate::plugin::Plugin;
+use crate::protocol::handshake::TlsMode;
 use crate::stats::Stats;
 use crate::worker_pool::ThreadModel;
 
@@ -180,6 +181,9 @@ impl EventLoop {
     pub fn start(&mut self) -> io::Result<()> {
         if self.state.started {
             return Ok(());
+        }
+        if self.config.tls_mode != TlsMode::Off {
+            self.config.tls = Some(self.config.tls_settings.build()?);
         }
         self.state.started = true;
         self.state.handshakes = self.config.handshake_timeout.map(Deadlines::new);
@@ -361,7 +365,7 @@ impl EventLoop {
             s.next_serial += 1;
             // SERIALIZE_CONNECTIONS: later clients wait, ungreeted, for their turn.
             let wait = self.plugin.thread_model() == Some(ThreadModel::SerializeConnections) && !s.conns.is_empty();
-            let mut conn = Connection::new(key, serial, stream, wait);
+            let mut conn = Connection::new(key, serial, stream, wait, self.config.tls_mode);
             let stream = conn.stream_mut().expect("new connection");
             if let Err(e) = self.poll.registry().register(stream, MioToken(FIRST_CONN + key), Interest::READABLE | Interest::WRITABLE) {
                 log::warn!("cannot register connection: {e}");

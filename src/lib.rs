@@ -15,4 +15,5 @@ pub mod logging;
 pub mod plugin;
 pub mod protocol;
 pub mod stats;
+pub mod tls;
 pub mod worker_pool;

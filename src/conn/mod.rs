@@ -6,8 +6,10 @@
 
 mod output;
 pub mod stream;
+pub mod transport;
 
 use std::io;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::completion::{OpTable, Outcome, Token};
@@ -18,10 +20,11 @@ use crate::ffi::plugin::{NBDKIT_EXTENT_ZERO, NBDKIT_FLAG_FAST_ZERO, NBDKIT_FLAG_
 use crate::plugin::{Handle, Io, Plugin};
 use crate::protocol::codec::{self, RequestHeader};
 use crate::protocol::consts::*;
-use crate::protocol::handshake::{ExportInfo, ExportResolver, Handshake, Outcome as HsOutcome, Purpose};
+use crate::protocol::handshake::{ExportInfo, ExportResolver, Handshake, Outcome as HsOutcome, Purpose, TlsMode};
 use crate::protocol::transmission::{Event, ExportCaps, FuaMode, Request, RequestReader};
 use output::Output;
 use stream::{interrupted, would_block, Stream};
+use transport::Transport;
 
 /// Size of the per-connection read buffer.
 const INPUT_BUFFER: usize = 64 * 1024;
@@ -104,7 +107,7 @@ pub struct Connection {
     pub key: usize,
     pub serial: u64,
     /// `None` once the socket is closed; the struct lives on until `inflight` is 0.
-    stream: Option<Stream>,
+    stream: Option<Transport>,
     peer: String,
     phase: Phase,
     input: Box<[u8]>,
@@ -125,18 +128,22 @@ pub struct Connection {
     write_blocked: bool,
     /// The plugin was told the client is gone (cancel callbacks sent).
     cancel_sent: bool,
+    tls_mode: TlsMode,
+    /// STARTTLS was acknowledged: once the ACK is out, switch to TLS with
+    /// this config, feeding it the ciphertext already read.
+    tls_pending: Option<(Arc<rustls::ServerConfig>, Vec<u8>)>,
 }
 
 impl Connection {
     /// A new connection; unless it must `wait` for its turn, the greeting
     /// is queued at once.
-    pub fn new(key: usize, serial: u64, stream: Stream, wait: bool) -> Self {
+    pub fn new(key: usize, serial: u64, stream: Stream, wait: bool, tls_mode: TlsMode) -> Self {
         let peer = stream.peer();
         log::debug!("connection {serial} from {peer}{}", if wait { ", waiting for its turn" } else { "" });
         let mut c = Connection {
             key,
             serial,
-            stream: Some(stream),
+            stream: Some(Transport::new(stream)),
             peer,
             phase: Phase::Waiting,
             input: vec![0; INPUT_BUFFER].into_boxed_slice(),
@@ -151,6 +158,8 @@ impl Connection {
             read_blocked: false,
             write_blocked: false,
             cancel_sent: false,
+            tls_mode,
+            tls_pending: None,
         };
         if !wait {
             c.greet();
@@ -161,11 +170,11 @@ impl Connection {
     /// Starts the handshake of a connection that was waiting.
     pub fn greet(&mut self) {
         let mut greeting = Vec::new();
-        self.phase = Phase::Handshake(Handshake::new(&mut greeting));
+        self.phase = Phase::Handshake(Handshake::new(&mut greeting, self.tls_mode));
         self.output.push_bytes(greeting);
     }
 
-    pub fn stream_mut(&mut self) -> Option<&mut Stream> {
+    pub fn stream_mut(&mut self) -> Option<&mut Transport> {
         self.stream.as_mut()
     }
 
@@ -247,7 +256,7 @@ impl Connection {
     pub fn service(&mut self, ctx: &mut Ctx) -> Next {
         let mut budget = READ_BUDGET;
         loop {
-            if self.reading_done || self.stream.is_none() || matches!(self.phase, Phase::Waiting) {
+            if self.reading_done || self.stream.is_none() || self.tls_pending.is_some() || matches!(self.phase, Phase::Waiting) {
                 return Next::Wait;
             }
             if let Some(next) = self.paused(ctx) {
@@ -307,12 +316,22 @@ impl Connection {
             Phase::Waiting => {}
             Phase::Handshake(hs) => {
                 let mut out = Vec::new();
-                let mut resolver = Resolver { ctx, handle: &mut self.handle, caps: &mut self.caps };
+                let peer_certificate = self.stream.as_ref().and_then(|t| t.peer_certificate());
+                let mut resolver =
+                    Resolver { ctx, handle: &mut self.handle, caps: &mut self.caps, peer_certificate: peer_certificate.as_deref() };
                 let (used, outcome) = hs.feed(input, &mut out, &mut resolver);
                 self.in_start += used;
                 self.output.push_bytes(out);
                 match outcome {
                     HsOutcome::NeedMore => {}
+                    HsOutcome::StartTls => {
+                        let config = ctx.config.tls.clone().expect("STARTTLS is only accepted with TLS configured");
+                        let early = self.input[self.in_start..self.in_end].to_vec();
+                        self.in_start = self.in_end;
+                        self.tls_pending = Some((config, early));
+                        log::debug!("connection {}: starting TLS", self.serial);
+                        self.flush();
+                    }
                     HsOutcome::Done(negotiated) => {
                         let mut caps = self.caps.expect("set by resolve");
                         caps.structured_replies = negotiated.structured_replies;
@@ -584,16 +603,32 @@ impl Connection {
         self.output.push_reply(reply, Vec::new());
     }
 
-    /// Sends queued output. Returns false if the socket failed.
+    /// Sends queued output (and ciphertext TLS still holds), then starts
+    /// TLS if STARTTLS was just acknowledged.
     pub fn flush(&mut self) {
-        if self.write_blocked || self.output.is_empty() {
+        if self.write_blocked {
             return;
         }
         let Some(stream) = self.stream.as_mut() else { return };
-        match self.output.flush(stream) {
+        let result = self.output.flush(stream).and_then(|all| if all { stream.flush().map(|()| true) } else { Ok(false) });
+        match result {
             Ok(true) => {}
             Ok(false) => self.write_blocked = true,
-            Err(e) => self.break_off(&format!("write error: {e}")),
+            Err(e) if would_block(&e) => self.write_blocked = true,
+            Err(e) => return self.break_off(&format!("write error: {e}")),
+        }
+        if !self.output.is_empty() || self.write_blocked {
+            return;
+        }
+        if let Some((config, early)) = self.tls_pending.take() {
+            let stream = self.stream.as_mut().expect("checked above");
+            if let Err(e) = stream.start_tls(config, &early) {
+                return self.break_off(&format!("TLS: {e}"));
+            }
+            if let Phase::Handshake(hs) = &mut self.phase {
+                hs.tls_started();
+            }
+            self.read_blocked = false;
         }
     }
 }
@@ -652,6 +687,8 @@ struct Resolver<'a, 'b> {
     ctx: &'a mut Ctx<'b>,
     handle: &'a mut Option<Handle>,
     caps: &'a mut Option<ExportCaps>,
+    /// The TLS client certificate, shown to the plugin's `open`.
+    peer_certificate: Option<&'a [u8]>,
 }
 
 impl ExportResolver for Resolver<'_, '_> {
@@ -666,7 +703,8 @@ impl ExportResolver for Resolver<'_, '_> {
                 _ => REP_ERR_UNKNOWN,
             }
         };
-        let handle = plugin.open(config.readonly, name).map_err(refuse)?;
+        let handle = crate::tls::with_peer_certificate(self.peer_certificate, || plugin.open(config.readonly, name))
+            .map_err(refuse)?;
         let caps = match plugin.caps(handle, config.readonly, false) {
             Ok(c) => c,
             Err(e) => {

@@ -5,7 +5,8 @@ use std::io::{self, IoSlice};
 use std::ops::Range;
 use std::rc::Rc;
 
-use super::stream::{interrupted, Stream};
+use super::stream::interrupted;
+use super::transport::Transport;
 use crate::protocol::codec::ReplyHeader;
 
 /// Frames gathered into one writev call.
@@ -69,7 +70,7 @@ impl Output {
 
     /// Writes until the queue is empty or the socket is full. `Ok(true)`
     /// means everything was sent.
-    pub fn flush(&mut self, stream: &mut Stream) -> io::Result<bool> {
+    pub fn flush(&mut self, stream: &mut Transport) -> io::Result<bool> {
         while !self.frames.is_empty() {
             let mut slices: [IoSlice<'_>; 2 * MAX_FRAMES_PER_WRITE] = [IoSlice::new(&[]); 2 * MAX_FRAMES_PER_WRITE];
             let mut n = 0;

@@ -10,6 +10,7 @@ pub mod reply;
 pub mod server;
 pub mod stats;
 pub mod sync_plugin;
+pub mod tls;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 

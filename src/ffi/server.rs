@@ -56,7 +56,7 @@ fn c_str<'a>(p: *const c_char) -> Option<&'a str> {
 }
 
 /// Runs `f` on the server's settings while it is still being set up.
-fn with_setup(srv: *mut nbdkit_server, name: &str, f: impl FnOnce(&mut EventLoop) -> c_int) -> c_int {
+pub(super) fn with_setup(srv: *mut nbdkit_server, name: &str, f: impl FnOnce(&mut EventLoop) -> c_int) -> c_int {
     guard(name, neg(libc::EIO), || {
         let Some(s) = server(srv) else {
             log::error!("{name}: NULL server");

@@ -57,10 +57,22 @@ pub struct Negotiated {
     pub contexts: Vec<u32>,
 }
 
+/// Whether clients may, or must, switch to TLS with NBD_OPT_STARTTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    #[default]
+    Off,
+    Allow,
+    Require,
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Feed more bytes.
     NeedMore,
+    /// Send what is in `out` in plaintext, then switch the transport to
+    /// TLS (call [`Handshake::tls_started`]); later bytes are ciphertext.
+    StartTls,
     /// Transmission starts; bytes after the consumed count are requests.
     Done(Negotiated),
     /// Send what is in `out`, then close the connection.
@@ -87,11 +99,13 @@ pub struct Handshake {
     shutting_down: bool,
     /// The last NBD_OPT_SET_META_CONTEXT: its export and the ids chosen.
     selected: Option<(String, Vec<u32>)>,
+    tls: TlsMode,
+    tls_active: bool,
 }
 
 impl Handshake {
     /// Starts a handshake, writing the server greeting to `out`.
-    pub fn new(out: &mut Vec<u8>) -> Self {
+    pub fn new(out: &mut Vec<u8>, tls: TlsMode) -> Self {
         out.extend_from_slice(&NBDMAGIC.to_be_bytes());
         out.extend_from_slice(&IHAVEOPT.to_be_bytes());
         out.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
@@ -103,7 +117,23 @@ impl Handshake {
             options_seen: 0,
             shutting_down: false,
             selected: None,
+            tls,
+            tls_active: false,
         }
+    }
+
+    /// The transport is TLS now. Everything negotiated before is forgotten,
+    /// as the spec requires: a man in the middle may have written it.
+    pub fn tls_started(&mut self) {
+        self.tls_active = true;
+        self.structured_replies = false;
+        self.selected = None;
+        self.state = State::OptionHeader;
+    }
+
+    /// Plaintext options are refused until the client starts TLS.
+    fn tls_required(&self) -> bool {
+        self.tls == TlsMode::Require && !self.tls_active
     }
 
     /// Bytes held while waiting for the rest of a message.
@@ -162,7 +192,7 @@ impl Handshake {
             self.buf = msg;
             self.buf.clear();
             if let Some(outcome) = outcome {
-                if !matches!(outcome, Outcome::NeedMore) {
+                if matches!(outcome, Outcome::Done(_) | Outcome::Close(_)) {
                     self.state = State::Finished;
                 }
                 return (used, outcome);
@@ -206,6 +236,14 @@ impl Handshake {
                         return Some(Outcome::Close("server shutting down"));
                     }
                     self.state = State::Discard { opt, remaining: len as u64, refusal: REP_ERR_SHUTDOWN };
+                    return None;
+                }
+                if self.tls_required() && opt != OPT_STARTTLS {
+                    if opt == OPT_EXPORT_NAME {
+                        return Some(Outcome::Close("NBD_OPT_EXPORT_NAME without the TLS this server requires"));
+                    }
+                    // Not even the export list is revealed in plaintext.
+                    self.state = State::Discard { opt, remaining: len as u64, refusal: REP_ERR_TLS_REQD };
                     return None;
                 }
                 if !is_known_option(opt) || len > MAX_OPTION_LEN {
@@ -255,6 +293,16 @@ impl Handshake {
                     // EXPORT_NAME has no way to report an error but hanging up.
                     Err(_) => Some(Outcome::Close("NBD_OPT_EXPORT_NAME for an export that failed to open")),
                 }
+            }
+            OPT_STARTTLS => {
+                if self.tls == TlsMode::Off {
+                    return reply_err(out, REP_ERR_UNSUP);
+                }
+                if self.tls_active || !data.is_empty() {
+                    return reply_err(out, REP_ERR_INVALID);
+                }
+                option_reply(out, opt, REP_ACK, &[]);
+                Some(Outcome::StartTls)
             }
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
@@ -361,6 +409,7 @@ fn is_known_option(opt: u32) -> bool {
             | OPT_INFO
             | OPT_GO
             | OPT_STRUCTURED_REPLY
+            | OPT_STARTTLS
             | OPT_LIST_META_CONTEXT
             | OPT_SET_META_CONTEXT
     )
@@ -524,7 +573,7 @@ mod tests {
 
     fn start() -> (Handshake, OneExport) {
         let mut out = Vec::new();
-        let hs = Handshake::new(&mut out);
+        let hs = Handshake::new(&mut out, TlsMode::Allow);
         assert_eq!(out.len(), 18);
         assert_eq!(be_u64(&out[0..8]), NBDMAGIC);
         assert_eq!(be_u64(&out[8..16]), IHAVEOPT);

@@ -1,0 +1,124 @@
+//! TLS settings (NBD_OPT_STARTTLS) and the client certificate for `open`.
+
+use std::ffi::{c_char, c_int, CStr};
+use std::path::Path;
+
+use super::server::{nbdkit_server, with_setup};
+use super::{guard, neg};
+use crate::protocol::handshake::TlsMode;
+
+/// No TLS: NBD_OPT_STARTTLS is refused (the default).
+pub const NBDKIT_TLS_OFF: c_int = 0;
+/// Clients may start TLS, or stay in plaintext.
+pub const NBDKIT_TLS_ALLOW: c_int = 1;
+/// Clients must start TLS first: every other option is answered
+/// NBD_REP_ERR_TLS_REQD, and not even the export list is shown before.
+pub const NBDKIT_TLS_REQUIRE: c_int = 2;
+
+/// Sets the TLS mode (NBDKIT_TLS_*). A mode other than OFF needs
+/// certificates (`nbdkit_server_set_tls_certificates` or
+/// `nbdkit_server_set_tls_pem`); `nbdkit_main_loop` fails without them.
+/// Set-up thread only. Returns 0 or a negative errno.
+#[unsafe(no_mangle)]
+pub extern "C" fn nbdkit_server_set_tls(srv: *mut nbdkit_server, mode: c_int) -> c_int {
+    with_setup(srv, "nbdkit_server_set_tls", |l| {
+        l.config.tls_mode = match mode {
+            NBDKIT_TLS_OFF => TlsMode::Off,
+            NBDKIT_TLS_ALLOW => TlsMode::Allow,
+            NBDKIT_TLS_REQUIRE => TlsMode::Require,
+            _ => return neg(libc::EINVAL),
+        };
+        0
+    })
+}
+
+/// Loads the server's certificate and key from a directory laid out as
+/// nbdkit, qemu and libnbd expect: `server-cert.pem` (the chain, leaf
+/// first) and `server-key.pem`, plus `ca-cert.pem` if present (used to
+/// verify clients, see `nbdkit_server_set_tls_verify_peer`). The files
+/// are read now. Set-up thread only. Returns 0 or a negative errno.
+///
+/// # Safety
+/// `dir` must be a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nbdkit_server_set_tls_certificates(srv: *mut nbdkit_server, dir: *const c_char) -> c_int {
+    with_setup(srv, "nbdkit_server_set_tls_certificates", |l| {
+        if dir.is_null() {
+            return neg(libc::EINVAL);
+        }
+        // SAFETY: the caller passes a NUL-terminated string.
+        let dir = Path::new(unsafe { CStr::from_ptr(dir) }.to_str().unwrap_or(""));
+        let read = |name: &str| std::fs::read(dir.join(name));
+        let (cert, key) = match (read("server-cert.pem"), read("server-key.pem")) {
+            (Ok(c), Ok(k)) => (c, k),
+            (Err(e), _) | (_, Err(e)) => {
+                log::error!("TLS certificates in {}: {e}", dir.display());
+                return neg(e.raw_os_error().unwrap_or(libc::EINVAL));
+            }
+        };
+        let s = &mut l.config.tls_settings;
+        s.certificate_chain = cert;
+        s.private_key = key;
+        s.client_ca = read("ca-cert.pem").ok();
+        0
+    })
+}
+
+/// Sets the server's certificate chain and key, and optionally the CA
+/// for client verification, from PEM text in memory (copied). `ca_pem`
+/// may be NULL. Set-up thread only. Returns 0 or a negative errno.
+///
+/// # Safety
+/// Each non-NULL argument must be a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nbdkit_server_set_tls_pem(
+    srv: *mut nbdkit_server,
+    certificate_chain_pem: *const c_char,
+    private_key_pem: *const c_char,
+    ca_pem: *const c_char,
+) -> c_int {
+    with_setup(srv, "nbdkit_server_set_tls_pem", |l| {
+        if certificate_chain_pem.is_null() || private_key_pem.is_null() {
+            return neg(libc::EINVAL);
+        }
+        // SAFETY: the caller passes NUL-terminated strings.
+        let bytes = |p: *const c_char| unsafe { CStr::from_ptr(p) }.to_bytes().to_vec();
+        let s = &mut l.config.tls_settings;
+        s.certificate_chain = bytes(certificate_chain_pem);
+        s.private_key = bytes(private_key_pem);
+        s.client_ca = (!ca_pem.is_null()).then(|| bytes(ca_pem));
+        0
+    })
+}
+
+/// Requires TLS clients to present a certificate signed by the CA
+/// (`ca-cert.pem`, or `ca_pem`) when `verify` is non-zero: mutual TLS.
+/// Others fail the TLS handshake. Set-up thread only. Returns 0 or a
+/// negative errno.
+#[unsafe(no_mangle)]
+pub extern "C" fn nbdkit_server_set_tls_verify_peer(srv: *mut nbdkit_server, verify: c_int) -> c_int {
+    with_setup(srv, "nbdkit_server_set_tls_verify_peer", |l| {
+        l.config.tls_settings.verify_peer = verify != 0;
+        0
+    })
+}
+
+/// The verified certificate (DER) the TLS client presented, for access
+/// control. Only meaningful inside the plugin's `open` callback: it
+/// returns NULL elsewhere, and when the client did not use TLS or sent no
+/// certificate. `len` (if not NULL) receives its size. The bytes are valid
+/// until `open` returns.
+///
+/// # Safety
+/// `len` must be NULL or point to a writable size_t.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nbdkit_tls_peer_certificate(len: *mut usize) -> *const u8 {
+    guard("nbdkit_tls_peer_certificate", std::ptr::null(), || {
+        let (p, n) = crate::tls::peer_certificate();
+        if !len.is_null() {
+            // SAFETY: the caller passes NULL or a writable size_t.
+            unsafe { *len = n };
+        }
+        p
+    })
+}
