@@ -1,0 +1,828 @@
+"""Plugin faults, driven through tests/c/api_harness.c built with
+AddressSanitizer (leak checking on): a plugin that never replies (request
+timeout, late replies), the `cancel` callback (client gone, server
+stopping), shutdown with 1,000 ops in flight (drained, or answered
+ESHUTDOWN after a grace period and released by nbdkit_server_free), a
+reply to an op of a freed server while a new server runs, and the memory
+caps (per connection, over all connections, and given back when the
+handshake timeout cuts a client).
+
+Every harness must end with exit status 0, "main_loop returned 0", as many
+plugin `close` calls as `open` calls, and nothing from ASan/LSan, no
+HARNESS-ERROR and no panic on stderr.
+
+Covered elsewhere and not repeated here: double replies and callbacks that
+return -1 without errno (tests/test_c_api.py).
+
+Harness conventions (see the comment at the top of api_harness.c): the disk
+is 64 MiB holding byte (offset % 251) at every offset; stdout says "ready"
+once listening and "op KIND OFFSET COUNT" for every I/O callback.
+"""
+
+import errno
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import nbd
+
+ROOT = Path(__file__).resolve().parent.parent
+STATICLIB = ROOT / "target" / "release" / "libnbdkit_async.a"
+HARNESS_SRC = ROOT / "tests" / "c" / "api_harness.c"
+CC = os.environ.get("CC", "cc")
+CFLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-g",
+          "-I", str(ROOT / "include"), "-pthread",
+          "-O1", "-fsanitize=address", "-fno-omit-frame-pointer"]
+LIBS = [str(STATICLIB), "-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl"]
+
+KiB = 1 << 10
+MiB = 1 << 20
+DISK = 64 * MiB
+HELD = 32 * MiB     # cancel mode holds reads/writes/trims/zeroes from here on
+
+BAD_MARKS = ("ERROR: AddressSanitizer", "LeakSanitizer", "HARNESS-ERROR",
+             "panicked", "internal error")
+LATE_REPLY = "late reply after the client was answered; ignored"
+TIMED_OUT = "no reply from the plugin in time"
+DOUBLE_REPLY = "already answered or never existed"
+
+_PAT = bytes(range(251))
+
+
+def pattern(offset, count):
+    """The harness disk's initial contents at [offset, offset+count)."""
+    start = offset % 251
+    return (_PAT * ((start + count) // 251 + 1))[start:start + count]
+
+
+def noise(seed, count):
+    return bytes((seed * 131 + i * 7 + (i >> 9)) & 0xFF for i in range(count))
+
+
+# ---------------------------------------------------------------- harness
+
+@pytest.fixture(scope="module")
+def harness_bin(tmp_path_factory):
+    """The ASan build of the harness, compiled once for this module."""
+    if not STATICLIB.is_file():
+        pytest.fail("%s is missing: run `make` first" % STATICLIB)
+    if shutil.which(CC) is None:
+        pytest.fail("no C compiler (%s)" % CC)
+    exe = tmp_path_factory.mktemp("faults") / "api_harness-asan"
+    argv = [CC, *CFLAGS, "-o", str(exe), str(HARNESS_SRC), *LIBS]
+    p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, timeout=180)
+    assert p.returncode == 0, "building the harness failed:\n%s\n%s" % (
+        " ".join(argv), p.stdout)
+    return exe
+
+
+class Harness:
+    """One api_harness process on a Unix socket in a private tmp dir."""
+
+    def __init__(self, binary, mode, args=()):
+        self.dir = tempfile.mkdtemp(prefix="nbdka-f-")
+        self.sock = os.path.join(self.dir, "nbd.sock")
+        self.out_path = os.path.join(self.dir, "stdout")
+        self.err_path = os.path.join(self.dir, "stderr")
+        env = dict(os.environ)
+        env["ASAN_OPTIONS"] = "detect_leaks=1"
+        self.argv = [str(binary), "--mode", mode, "--unix", self.sock,
+                     *[str(a) for a in args]]
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=err, env=env)
+
+    def out(self):
+        with open(self.out_path, errors="replace") as f:
+            return f.read()
+
+    def err(self):
+        with open(self.err_path, errors="replace") as f:
+            return f.read()
+
+    def report(self):
+        out = self.out().splitlines()
+        if len(out) > 60:
+            out = out[:10] + ["... (%d lines) ..." % (len(out) - 50)] + out[-40:]
+        err = self.err()
+        if len(err) > 20000:
+            err = "<... cut ...>\n" + err[-20000:]
+        return "\n".join(["server: %s" % " ".join(self.argv),
+                          "exit status: %s" % (self.proc.poll(),),
+                          "--- server stdout", *out, "--- server stderr", err])
+
+    def wait_for(self, predicate, timeout, what):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.proc.poll() is not None:
+                pytest.fail("server exited while waiting for %s\n%s" % (what, self.report()))
+            if time.monotonic() > deadline:
+                pytest.fail("timed out after %ss waiting for %s\n%s" % (timeout, what, self.report()))
+            time.sleep(0.01)
+
+    def count(self, prefix):
+        return sum(1 for l in self.out().splitlines() if l.startswith(prefix))
+
+    def ops(self):
+        return self.count("op ")
+
+    def wait_ops(self, n, timeout=10):
+        self.wait_for(lambda: self.ops() >= n, timeout, "%d ops to reach the plugin" % n)
+
+    def connect(self, structured=True):
+        h = nbd.NBD()
+        if not structured:
+            h.set_request_structured_replies(False)
+        h.connect_unix(self.sock)
+        return h
+
+    def signal(self, sig):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout):
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail("server did not exit within %ss\n%s" % (timeout, self.report()))
+
+    def rss_kib(self):
+        with open("/proc/%d/status" % self.proc.pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def assert_clean_exit(self):
+        rc = self.proc.poll()
+        assert rc == 0, "server exit status %s\n%s" % (rc, self.report())
+        err = self.err()
+        for mark in BAD_MARKS:
+            assert mark not in err, "%r in server stderr\n%s" % (mark, self.report())
+        assert DOUBLE_REPLY not in err, "an op was answered twice\n" + self.report()
+        out = self.out()
+        assert "main_loop returned 0" in out, self.report()
+        assert "reply-rc" not in out, "a reply call failed\n" + self.report()
+        assert self.count("open ") == self.count("close "), (
+            "a plugin handle was never closed\n" + self.report())
+
+    def cleanup(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def start(harness_bin):
+    """start(mode, *args) -> a ready Harness; always killed at teardown."""
+    servers = []
+
+    def _start(mode, *args):
+        s = Harness(harness_bin, mode, args)
+        servers.append(s)
+        s.wait_for(lambda: "ready\n" in s.out() and os.path.exists(s.sock), 10, "ready")
+        return s
+
+    try:
+        yield _start
+    finally:
+        for s in servers:
+            s.cleanup()
+
+
+# ---------------------------------------------------------------- clients
+
+def wait_aio(h, cookies, timeout, t0=None):
+    """Runs h until every cookie completed. Returns {cookie: (seconds, errnum)}
+    where errnum is None on success; seconds are since t0 (default: the
+    call)."""
+    t0 = time.monotonic() if t0 is None else t0
+    pending = list(cookies)
+    done = {}
+    while pending:
+        for c in list(pending):
+            try:
+                finished, err = h.aio_command_completed(c), None
+            except nbd.Error as e:
+                finished, err = True, e.errnum
+            if finished:
+                done[c] = (time.monotonic() - t0, err)
+                pending.remove(c)
+        if not pending:
+            break
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("%d of %d commands still in flight after %ss"
+                                 % (len(pending), len(cookies), timeout))
+        h.poll(20)
+    return done
+
+
+def close(h):
+    """nbd_close now (abrupt: no NBD_CMD_DISC); the Python object stays
+    around emptied so its __del__ does nothing."""
+    if hasattr(h, "_o"):
+        h.__del__()
+        del h._o
+
+
+def errname(e):
+    return errno.errorcode.get(e, str(e)) if e is not None else "ok"
+
+
+def assert_all(results, want, what):
+    bad = {c: (round(t, 3), errname(e)) for c, (t, e) in results.items() if e != want}
+    assert not bad, "%s: expected %s for every command, got %s" % (what, errname(want), bad)
+
+
+# raw protocol, for the memory-cap tests (libnbd does not let a client
+# pipeline beyond what the server reads)
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+OPT_REPLY_MAGIC = 0x0003E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+OPT_GO = 7
+REP_ACK = 1
+CMD_WRITE = 1
+
+
+class Raw:
+    """A blocking fixed-newstyle client with simple replies."""
+
+    def __init__(self, path, timeout=10.0):
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.settimeout(timeout)
+        self.s.connect(path)
+        assert struct.unpack(">QQH", self.recv(18))[:2] == (NBDMAGIC, IHAVEOPT)
+        self.s.sendall(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, OPT_GO, 6)
+                       + struct.pack(">IH", 0, 0))
+        while True:
+            magic, opt, rtype, n = struct.unpack(">QIII", self.recv(20))
+            assert magic == OPT_REPLY_MAGIC and opt == OPT_GO
+            self.recv(n)
+            if rtype != 3:
+                assert rtype == REP_ACK, hex(rtype)
+                break
+
+    def recv(self, n):
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.s.recv(min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise EOFError("server closed after %d/%d bytes" % (len(buf), n))
+            buf += chunk
+        return bytes(buf)
+
+    def write_header(self, cookie, offset, length):
+        return struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, cookie, offset, length)
+
+    def replies(self, n):
+        out = {}
+        for _ in range(n):
+            magic, error, cookie = struct.unpack(">IIQ", self.recv(16))
+            assert magic == SIMPLE_REPLY_MAGIC, hex(magic)
+            assert cookie not in out, "two replies for cookie %d" % cookie
+            out[cookie] = error
+        return out
+
+    def close(self):
+        self.s.close()
+
+
+class Sender(threading.Thread):
+    """sendall() in the background: the server may stop reading."""
+
+    def __init__(self, sock, data):
+        super().__init__(daemon=True)
+        self.sock, self.data, self.error = sock, data, None
+
+    def run(self):
+        try:
+            self.sock.sendall(self.data)
+        except OSError as e:
+            self.error = e
+
+
+def settled(srv, timeout=8, quiet=0.4):
+    """Waits until the plugin's op count stops changing; returns it."""
+    deadline = time.monotonic() + timeout
+    last, since = srv.ops(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        n = srv.ops()
+        if n != last:
+            last, since = n, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return n
+    return srv.ops()
+
+
+# ---------------------------------------------------------------- request timeout
+
+def test_request_timeout_and_late_reply(start):
+    """--request-timeout-ms 300 on a plugin that sits on every op: each
+    client gets EIO after ~0.3 s; the plugin's late replies (SIGUSR1
+    releases them) are logged and ignored, never reach the clients, and the
+    write buffers stay valid until then (ASan). The connections stay in
+    step and are served normally afterwards."""
+    srv = start("never-reply", "--request-timeout-ms", "300")
+    h1 = srv.connect(structured=True)
+    h2 = srv.connect(structured=False)
+    h3 = srv.connect()
+
+    late_data = noise(1, 64 * KiB)
+    t_issue = time.monotonic()
+    bufs = [nbd.Buffer(64 * KiB), nbd.Buffer.from_bytearray(late_data),
+            nbd.Buffer(4 * KiB), nbd.Buffer.from_bytearray(noise(2, 4 * KiB)),
+            nbd.Buffer.from_bytearray(noise(3, 4 * KiB))]
+    c1 = [h1.aio_pread(bufs[0], 1 * MiB), h1.aio_pwrite(bufs[1], 2 * MiB),
+          h1.aio_flush(), h1.aio_zero(4 * KiB, 3 * MiB), h1.aio_trim(4 * KiB, 3 * MiB + 8 * KiB),
+          h1.aio_cache(4 * KiB, 0), h1.aio_pwrite(bufs[4], 4 * MiB, flags=nbd.CMD_FLAG_FUA)]
+    c2 = [h2.aio_pread(bufs[2], 5 * MiB), h2.aio_pwrite(bufs[3], 6 * MiB)]
+    b3 = nbd.Buffer.from_bytearray(noise(4, 16 * KiB))
+    c3 = [h3.aio_pwrite(b3, 7 * MiB)]
+    n_ops = len(c1) + len(c2) + len(c3)
+    srv.wait_ops(n_ops)
+
+    r1 = wait_aio(h1, c1, 10, t_issue)
+    r2 = wait_aio(h2, c2, 10, t_issue)
+    r3 = wait_aio(h3, c3, 10, t_issue)
+    for r, what in ((r1, "structured client"), (r2, "simple client"), (r3, "third client")):
+        assert_all(r, errno.EIO, what)
+        times = [t for t, _ in r.values()]
+        assert min(times) >= 0.25, "answered before the timeout: %s" % times
+        assert max(times) < 3.0, "the timeout took too long: %s" % times
+        # ~300 ms: the slack covers the time to issue the ops and ASan.
+    # h3 goes away while its op is still held by the plugin.
+    close(h3)
+    srv.wait_for(lambda: srv.err().count(TIMED_OUT) >= n_ops, 5,
+                 "%d timeout warnings" % n_ops)
+    assert srv.ops() == n_ops, srv.report()
+
+    # The plugin answers now, far too late: logged, ignored, no stray reply.
+    srv.signal(signal.SIGUSR1)
+    srv.wait_for(lambda: srv.err().count(LATE_REPLY) >= n_ops, 10,
+                 "%d late replies to be logged" % n_ops)
+    assert h1.aio_in_flight() == 0 and h2.aio_in_flight() == 0
+    # The late write went through a buffer the library kept alive.
+    assert h1.pread(len(late_data), 2 * MiB) == late_data
+    assert h1.pread(4 * KiB, 1 * MiB) == pattern(1 * MiB, 4 * KiB)
+    assert h2.pread(4 * KiB, 5 * MiB) == pattern(5 * MiB, 4 * KiB)
+    fresh = noise(5, 8 * KiB)
+    h2.pwrite(fresh, 9 * MiB)
+    assert h1.pread(len(fresh), 9 * MiB) == fresh
+    # Prompt replies leave their (still armed) deadlines behind: once
+    # those pass, nothing happens to the connection.
+    time.sleep(0.4)
+    h1.flush()
+    assert h2.pread(len(fresh), 9 * MiB) == fresh
+    assert srv.err().count(TIMED_OUT) == n_ops, srv.report()
+    for h in (h1, h2):
+        h.shutdown()
+        close(h)
+    srv.signal(signal.SIGTERM)
+    assert srv.wait_exit(15) == 0, srv.report()
+    srv.assert_clean_exit()
+
+
+# ---------------------------------------------------------------- cancel
+
+def _held_cancel_ops(h, tag, n):
+    """n ops the cancel-mode plugin holds (offset >= 32 MiB)."""
+    bufs, cookies = [], []
+    for i in range(n):
+        off = HELD + (tag * 64 + i) * 64 * KiB
+        k = i % 4
+        if k == 0:
+            b = nbd.Buffer(16 * KiB)
+            bufs.append(b)
+            cookies.append(h.aio_pread(b, off))
+        elif k == 1:
+            b = nbd.Buffer.from_bytearray(noise(tag + i, 16 * KiB))
+            bufs.append(b)
+            cookies.append(h.aio_pwrite(b, off))
+        elif k == 2:
+            cookies.append(h.aio_zero(8 * KiB, off))
+        else:
+            cookies.append(h.aio_trim(8 * KiB, off))
+    return bufs, cookies
+
+
+def test_cancel_on_disconnect_and_on_shutdown(start):
+    """The `cancel` callback fires once for every unanswered op of a client
+    that disconnected abruptly, and for every op in flight when the server
+    shuts down; the plugin answers each cancelled op exactly once
+    (ECANCELED, half inside the callback, half from a worker), the client
+    still connected sees EIO, and other clients are served throughout."""
+    srv = start("cancel")
+    healthy = srv.connect()
+
+    # A: 40 held ops and 2 ordinary ones, then gone without NBD_CMD_DISC.
+    a = srv.connect()
+    a_bufs, a_cookies = _held_cancel_ops(a, 0, 40)
+    fine = nbd.Buffer(4 * KiB)
+    done = wait_aio(a, [a.aio_pread(fine, 1 * MiB), a.aio_flush()], 10)
+    assert_all(done, None, "ordinary ops")
+    srv.wait_ops(42)
+    assert srv.count("cancel ") == 0, "cancelled while the client was there\n" + srv.report()
+    close(a)
+    srv.wait_for(lambda: srv.count("cancel held ") >= 40, 10, "40 cancels")
+    srv.wait_for(lambda: srv.count("close ") == srv.count("open ") - 1, 10,
+                 "the gone client's handle to be closed")
+    assert srv.count("cancel held ") == 40, srv.report()
+
+    # Meanwhile and afterwards the other client is fine.
+    data = noise(9, 32 * KiB)
+    healthy.pwrite(data, 2 * MiB)
+    assert healthy.pread(len(data), 2 * MiB) == data
+    assert healthy.pread(4 * KiB, 7 * MiB) == pattern(7 * MiB, 4 * KiB)
+
+    # B: 30 held ops (simple replies) when the server is told to stop.
+    b = srv.connect(structured=False)
+    b_bufs, b_cookies = _held_cancel_ops(b, 1, 30)
+    srv.wait_ops(42 + 3 + 30)   # + healthy's three
+    t0 = time.monotonic()
+    srv.signal(signal.SIGTERM)
+    results = wait_aio(b, b_cookies, 10)
+    # ECANCELED is not an NBD error: the client sees EIO.
+    assert_all(results, errno.EIO, "ops cancelled by the shutdown")
+    assert max(t for t, _ in results.values()) < 5
+    assert srv.wait_exit(15) == 0, srv.report()
+    took = time.monotonic() - t0
+    srv.assert_clean_exit()
+    assert srv.count("cancel held ") == 70, srv.report()
+    assert took < 5, "shutdown took %.1fs" % took
+    close(b)
+    close(healthy)
+
+
+# ---------------------------------------------------------------- shutdown
+
+def test_shutdown_drains_1000_ops_in_flight(start):
+    """1,000 ops held by the plugin over two connections when SIGTERM
+    arrives (shutdown mode: the plugin releases them 300 ms after the
+    shutdown): every op completes successfully with the right data,
+    clients still negotiating are told NBD_REP_ERR_SHUTDOWN, then
+    nbdkit_main_loop returns 0, with no leak."""
+    srv = start("shutdown", "--shutdown-after", "1000000")
+    h1 = srv.connect(structured=True)
+    h2 = srv.connect(structured=False)
+    negotiating = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    negotiating.settimeout(10)
+    negotiating.connect(srv.sock)
+    try:
+        greeting = b""
+        while len(greeting) < 18:
+            chunk = negotiating.recv(18 - len(greeting))
+            assert chunk, "no greeting"
+            greeting += chunk
+        negotiating.sendall(struct.pack(">I", 3))
+
+        bufs, cookies, checks = [], {h1: [], h2: []}, []
+        for i in range(1000):
+            h = h1 if i % 2 == 0 else h2
+            off = (i * 37 * KiB) % (60 * MiB)
+            if i % 5 == 4:
+                b = nbd.Buffer.from_bytearray(noise(i, 4 * KiB))
+                cookies[h].append(h.aio_pwrite(b, 61 * MiB + (i // 5) * 4 * KiB % (2 * MiB)))
+            else:
+                b = nbd.Buffer(4 * KiB)
+                cookies[h].append(h.aio_pread(b, off))
+                checks.append((b, off))
+            bufs.append(b)
+        srv.wait_ops(1000)
+        h1.poll(50)
+        assert h1.aio_in_flight() == 500 and h2.aio_in_flight() == 500, "answered early"
+
+        t0 = time.monotonic()
+        srv.signal(signal.SIGTERM)
+        srv.wait_for(lambda: "shutdown requested" in srv.out(), 5, "the shutdown")
+        # A client still negotiating: its next option is refused with
+        # NBD_REP_ERR_SHUTDOWN once the loop has seen the shutdown (the
+        # plugin holds the ops for 300 ms more, so the loop is still there).
+        seen = []
+        deadline = time.monotonic() + 0.25
+        while True:
+            negotiating.sendall(struct.pack(">QII", IHAVEOPT, 3, 0))  # NBD_OPT_LIST
+            while True:
+                magic, opt, rtype, n = struct.unpack(">QIII", negotiating.recv(20, socket.MSG_WAITALL))
+                assert (magic, opt) == (OPT_REPLY_MAGIC, 3)
+                if n:
+                    negotiating.recv(n, socket.MSG_WAITALL)
+                if rtype != 2:          # not NBD_REP_SERVER: final
+                    break
+            seen.append(rtype)
+            if rtype != REP_ACK or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)            # the loop has not seen the shutdown yet
+        assert seen[-1] == (1 << 31) + 7, "expected NBD_REP_ERR_SHUTDOWN, got %s" % [hex(r) for r in seen]
+
+        for h in (h1, h2):
+            assert_all(wait_aio(h, cookies[h], 20), None, "drained ops")
+        for b, off in checks:
+            assert b.to_bytearray() == pattern(off, 4 * KiB), off
+        assert srv.wait_exit(15) == 0, srv.report()
+        took = time.monotonic() - t0
+        srv.assert_clean_exit()
+        assert srv.count("op ") == 1000, srv.report()
+        assert took >= 0.25, "the loop did not wait for the held ops (%.2fs)" % took
+        assert not os.path.exists(srv.sock), "socket file left behind"
+    finally:
+        negotiating.close()
+        close(h1)
+        close(h2)
+
+
+def test_shutdown_grace_answers_eshutdown_and_frees(start):
+    """A plugin that ignores cancellation and never answers, 1,000 ops in
+    flight, --shutdown-grace-ms 500: on SIGTERM every op is cancelled,
+    then after ~0.5 s answered ESHUTDOWN, and nbdkit_main_loop returns 0.
+    Replies after main_loop give -ESHUTDOWN, after nbdkit_server_free
+    -ESTALE; the ops never answered are released by nbdkit_server_free:
+    LeakSanitizer finds nothing."""
+    srv = start("grace", "--shutdown-grace-ms", "500")
+    h1 = srv.connect(structured=True)
+    h2 = srv.connect(structured=False)
+    bufs, cookies = [], {h1: [], h2: []}
+    for i in range(1000):
+        h = h1 if i < 900 else h2
+        if i % 3 == 2:
+            b = nbd.Buffer.from_bytearray(noise(i, 4 * KiB))
+            cookies[h].append(h.aio_pwrite(b, (i * 8 * KiB) % (60 * MiB)))
+        else:
+            b = nbd.Buffer(4 * KiB)
+            cookies[h].append(h.aio_pread(b, (i * 8 * KiB) % (60 * MiB)))
+        bufs.append(b)
+    cookies[h2].append(h2.aio_flush())
+    srv.wait_ops(1001)
+    t0 = time.monotonic()
+    srv.signal(signal.SIGTERM)
+    results = {h: wait_aio(h, cookies[h], 15, t0) for h in (h1, h2)}
+    for h, what in ((h1, "structured client"), (h2, "simple client")):
+        assert_all(results[h], errno.ESHUTDOWN, what)
+        times = [t for t, _ in results[h].values()]
+        assert min(times) >= 0.4, "answered before the grace period ended: %.3f" % min(times)
+        assert max(times) < 4.0, "the grace period took too long: %.3f" % max(times)
+    assert srv.wait_exit(15) == 0, srv.report()
+    took = time.monotonic() - t0
+    assert took < 6, "main_loop took %.1fs to return after the grace period" % took
+    srv.assert_clean_exit()
+    assert srv.count("cancel held ") == 1001, "cancel was not called for every op\n" + srv.report()
+    line = [l for l in srv.out().splitlines() if l.startswith("grace late replies:")]
+    assert line, srv.report()
+    nums = [int(w) for w in line[0].replace(",", " ").split() if w.isdigit()]
+    assert sum(nums) == 1001 and all(n > 0 for n in nums), line
+    close(h1)
+    close(h2)
+
+
+def test_stale_op_of_a_freed_server_cannot_touch_a_new_server(start):
+    """An op of a server that was freed unanswered (grace period 0), then
+    replied to while a new server runs in the same process: the header
+    promises -ESTALE ("Ops of this server replied to afterwards are
+    ignored"). It must not complete the new server's op: that client gets
+    its own data, once, after the new server's plugin answers it."""
+    srv = start("restart")
+    a = srv.connect()
+    buf = nbd.Buffer(4 * KiB)
+    c = a.aio_pread(buf, 1 * MiB)
+    res = wait_aio(a, [c], 10)
+    assert res[c][1] == errno.ESHUTDOWN, res
+    close(a)
+    srv.wait_for(lambda: "ready again" in srv.out(), 10, "server B")
+
+    b = srv.connect()
+    t0 = time.monotonic()
+    buf = nbd.Buffer(64 * KiB)
+    off = 3 * MiB + 17
+    c = b.aio_pread(buf, off)
+    res = wait_aio(b, [c], 10, t0)
+    t, err = res[c]
+    stale = [l for l in srv.out().splitlines() if l.startswith("stale reply")]
+    assert err is None, res
+    assert buf.to_bytearray() == pattern(off, 64 * KiB), (
+        "server B's read was completed by the reply to server A's op: %s\n%s"
+        % (stale, srv.report()))
+    assert t >= 0.25, "answered before B's plugin replied (%.3fs): %s" % (t, stale)
+    assert b.pread(4 * KiB, 5 * MiB) == pattern(5 * MiB, 4 * KiB)
+    b.shutdown()
+    close(b)
+    srv.signal(signal.SIGTERM)
+    assert srv.wait_exit(15) == 0, srv.report()
+    srv.assert_clean_exit()
+
+
+# ---------------------------------------------------------------- memory caps
+
+def test_per_connection_memory_cap(start):
+    """--memory-limits 8M:1G on a plugin that holds every op: one
+    connection pipelining ten 2 MiB WRITEs gets at most 8 MiB (+ one
+    request) into the plugin, then the server stops reading it; the other
+    writes are not lost: once the plugin answers, all ten succeed."""
+    srv = start("never-reply", "--memory-limits", "8M:1G")
+    c = Raw(srv.sock)
+    try:
+        payload = noise(3, 2 * MiB)
+        data = b"".join(c.write_header(i + 1, i * 2 * MiB, 2 * MiB) + payload for i in range(10))
+        sender = Sender(c.s, data)
+        sender.start()
+        held = settled(srv)
+        assert 4 <= held <= 5, "the plugin got %d 2-MiB writes past an 8 MiB cap\n%s" % (held, srv.report())
+
+        # Another client is not affected by this connection's cap.
+        other = Raw(srv.sock)
+        other.s.sendall(other.write_header(99, 40 * MiB, 4096) + b"x" * 4096)
+        srv.wait_ops(held + 1, timeout=5)
+        srv.signal(signal.SIGUSR1)
+        assert other.replies(1) == {99: 0}
+        other.close()
+        sender.join(20)
+        assert not sender.is_alive() and sender.error is None, sender.error
+        got = c.replies(10)
+        assert got == {i + 1: 0 for i in range(10)}, got
+    finally:
+        c.close()
+    h = srv.connect()
+    assert h.pread(2 * MiB, 18 * MiB) == payload
+    h.shutdown()
+    close(h)
+    srv.signal(signal.SIGTERM)
+    assert srv.wait_exit(15) == 0, srv.report()
+    srv.assert_clean_exit()
+
+
+def test_total_memory_cap_one_connection(start):
+    """--memory-limits 256M:8M on a plugin that holds every op: one
+    connection pipelines sixty-four 1 MiB READs (1.8 KB of requests). Its
+    read buffers count against the total cap, so the plugin may get at
+    most 8 MiB + one request of them; the rest wait, and all 64 succeed
+    once the plugin answers."""
+    srv = start("never-reply", "--memory-limits", "256M:8M")
+    c = Raw(srv.sock)
+    try:
+        reqs = b"".join(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 0, i + 1, i * MiB, MiB)
+                        for i in range(64))
+        c.s.sendall(reqs)
+        held = settled(srv)
+        srv.signal(signal.SIGUSR1)
+        got = {}
+        for _ in range(64):
+            magic, error, cookie = struct.unpack(">IIQ", c.recv(16))
+            assert magic == SIMPLE_REPLY_MAGIC and error == 0, (magic, error)
+            off = (cookie - 1) * MiB
+            assert c.recv(MiB) == pattern(off, MiB), cookie
+            got[cookie] = error
+        assert sorted(got) == list(range(1, 65))
+        assert held <= 8 + 1, (
+            "the plugin was made to hold %d MiB of read buffers (%d READs of "
+            "1 MiB) with a total cap of 8 MiB\n%s" % (held, held, srv.report()))
+    finally:
+        c.close()
+    srv.signal(signal.SIGTERM)
+    assert srv.wait_exit(15) == 0, srv.report()
+    srv.assert_clean_exit()
+
+
+def test_total_memory_cap_many_connections(start):
+    """--memory-limits 256M:8M on a plugin that holds every op: six
+    connections each pipelining four 2 MiB WRITEs. The header contract
+    ("any connection holding memory while the total is at its cap is not
+    read ... One request may overshoot a cap by its own size") bounds what
+    the plugin can be made to hold at 8 MiB + one 2 MiB request."""
+    srv = start("never-reply", "--memory-limits", "256M:8M")
+    conns, senders = [], []
+    try:
+        payload = noise(4, 2 * MiB)
+        for k in range(6):
+            c = Raw(srv.sock)
+            conns.append(c)
+            data = b"".join(c.write_header(i + 1, (k * 4 + i) * 2 * MiB, 2 * MiB) + payload
+                            for i in range(4))
+            s = Sender(c.s, data)
+            s.start()
+            senders.append(s)
+            time.sleep(0.05)
+        held = settled(srv)
+        srv.signal(signal.SIGUSR1)
+        for c in conns:
+            assert c.replies(4) == {i: 0 for i in range(1, 5)}
+        for s in senders:
+            s.join(20)
+            assert s.error is None, s.error
+        assert held * 2 <= 8 + 2, (
+            "the plugin was made to hold %d MiB (%d writes of 2 MiB) with a "
+            "total cap of 8 MiB\n%s" % (held * 2, held, srv.report()))
+    finally:
+        for c in conns:
+            c.close()
+    srv.signal(signal.SIGTERM)
+    assert srv.wait_exit(15) == 0, srv.report()
+    srv.assert_clean_exit()
+
+
+def _ten_reads_seconds(srv):
+    """Seconds for 10 concurrent 4 KiB reads on a fresh connection."""
+    h = srv.connect()
+    try:
+        bufs = [nbd.Buffer(4 * KiB) for _ in range(10)]
+        t0 = time.monotonic()
+        wait_aio(h, [h.aio_pread(b, i * 64 * KiB) for i, b in enumerate(bufs)], 30)
+        took = time.monotonic() - t0
+        h.shutdown()
+    finally:
+        close(h)
+    return took
+
+
+def test_handshake_timeout_gives_back_memory_budget(start):
+    """Clients that pile up unread option replies (NBD_OPT_INFO asking for
+    NBD_INFO_NAME 8,000 times) until their per-connection cap, then are cut
+    by the handshake timeout: their memory is freed, so the total budget
+    (--memory-limits 4M:8M) must be available again. A later client's 10
+    concurrent reads (each held 200 ms by the plugin) run in parallel, as
+    before (~0.2 s), not one at a time (~2 s) as over budget."""
+    srv = start("after-disconnect", "--hold-ms", "200", "--memory-limits", "4M:8M",
+                "--handshake-timeout-ms", "1000")
+    before = _ten_reads_seconds(srv)
+    assert before < 1.0, "10 concurrent reads took %.2fs on a fresh server" % before
+
+    n = 8000
+    info = struct.pack(">IH", 0, n) + struct.pack(">H", 1) * n
+    opt = struct.pack(">QII", IHAVEOPT, 6, len(info)) + info       # NBD_OPT_INFO
+    hostile = []
+    try:
+        for _ in range(3):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            hostile.append(s)
+            s.connect(srv.sock)
+            s.setblocking(False)
+            data = struct.pack(">I", 3) + opt * 40
+            sent, t0 = 0, time.monotonic()
+            while sent < len(data) and time.monotonic() - t0 < 0.5:
+                try:
+                    sent += s.send(data[sent:])
+                except BlockingIOError:
+                    time.sleep(0.01)
+        time.sleep(1.6)         # the handshake timeout cuts all three
+    finally:
+        for s in hostile:
+            s.close()
+    time.sleep(0.1)
+    after = _ten_reads_seconds(srv)
+    assert after < 1.0, (
+        "after three clients were cut by the handshake timeout, 10 concurrent "
+        "reads took %.2fs (before: %.2fs): the server still counts their "
+        "freed output against its total memory budget" % (after, before))
+    srv.signal(signal.SIGTERM)
+    assert srv.wait_exit(15) == 0, srv.report()
+    srv.assert_clean_exit()
+
+
+def test_total_memory_cap_partial_payloads(start):
+    """--memory-limits 256M:16M, a prompt plugin: eight connections each
+    send a WRITE header for 32 MiB and 30 MiB of its payload, then stall.
+    The server must not hold much more than the total cap plus one request
+    (16 + 32 MiB) for them; measured as the growth of its VmRSS."""
+    srv = start("thread", "--memory-limits", "256M:16M")
+    conns, senders = [], []
+    try:
+        base = srv.rss_kib()
+        chunk = b"\x5a" * (30 * MiB)
+        for k in range(8):
+            c = Raw(srv.sock)
+            conns.append(c)
+            s = Sender(c.s, c.write_header(1, k * 4 * MiB, 32 * MiB) + chunk)
+            s.start()
+            senders.append(s)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(s.is_alive() for s in senders):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        grown = (srv.rss_kib() - base) // 1024
+        # The healthy client check: the server still answers.
+        h = srv.connect()
+        assert h.pread(4 * KiB, 0) == pattern(0, 4 * KiB)
+        h.shutdown()
+        close(h)
+        assert grown <= 16 + 32 + 16, (
+            "eight stalled 32 MiB WRITEs made the server hold %d MiB more "
+            "with a total cap of 16 MiB\n%s" % (grown, srv.report()))
+    finally:
+        for c in conns:
+            c.close()
+    srv.signal(signal.SIGTERM)
+    assert srv.wait_exit(15) == 0, srv.report()
+    srv.assert_clean_exit()
