@@ -22,7 +22,7 @@ PREFIX   ?= /usr/local
 LIBDIR_INSTALL ?= $(PREFIX)/lib
 INCDIR_INSTALL ?= $(PREFIX)/include
 # What the Rust standard library needs when linked statically.
-PRIVATE_LIBS := -lgcc_s -lutil -lrt -lpthread -lm -ldl
+PRIVATE_LIBS := -lutil -lrt -lpthread -lm -ldl
 
 WARN     := -Wall -Wextra -Werror -pedantic
 CFLAGS   ?= -O2 -g
@@ -55,7 +55,8 @@ $(BUILD)/%: cpp-examples/%.cpp $(STATICLIB) $(HEADER) $(wildcard include/*.hpp) 
 $(BUILD):
 	mkdir -p $@
 
-$(BUILD)/nbdkit-async.pc: nbdkit-async.pc.in Cargo.toml | $(BUILD)
+# Rebuilt every time: it records PREFIX, which may differ from the last run.
+$(BUILD)/nbdkit-async.pc: nbdkit-async.pc.in FORCE | $(BUILD)
 	sed -e 's|@PREFIX@|$(PREFIX)|; s|@LIBDIR@|$(LIBDIR_INSTALL)|; s|@INCLUDEDIR@|$(INCDIR_INSTALL)|' \
 	    -e 's|@VERSION@|$(VERSION)|; s|@PRIVATE_LIBS@|$(PRIVATE_LIBS)|' $< > $@
 

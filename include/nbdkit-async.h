@@ -119,17 +119,6 @@
 #define NBDKIT_TLS_REQUIRE 2
 
 /**
- * Latency histogram buckets: bucket i counts replies that took
- * [2^i, 2^(i+1)) microseconds (bucket 0 also takes anything faster).
- */
-#define LATENCY_BUCKETS 32
-
-/**
- * Request counters, indexed by NBD_CMD_* (READ = 0 ... BLOCK_STATUS = 7).
- */
-#define COMMANDS 8
-
-/**
  * The export list being built by a `list_exports` callback; add to it
  * with `nbdkit_add_export`. Valid only during that callback.
  */
@@ -739,10 +728,14 @@ int nbdkit_server_set_max_connections(struct nbdkit_server *srv, uint32_t max_co
  * Caps the memory clients can make the server hold: request payloads,
  * read buffers and unsent replies, per connection (default 256 MiB) and
  * over all connections (default 1 GiB). A connection at its cap, or any
- * connection holding memory while the total is at its cap, is not read
- * until replies go out. One request may overshoot a cap by its own size
- * (at most 32 MiB). 0 keeps a default. Set-up thread only.
- * Returns 0 or a negative errno.
+ * connection holding memory while the total is at its cap, gets no new
+ * request read until replies go out; one connection at a time that holds
+ * nothing may still start one, so no client starves. A request may thus
+ * overshoot a cap by its own size (at most 32 MiB). A WRITE payload, once
+ * started, is received to its end; its buffer grows with what the client
+ * actually sent, so a client stalling mid-payload holds at most that (cap
+ * connections with `nbdkit_server_set_max_connections` to bound those).
+ * 0 keeps a default. Set-up thread only. Returns 0 or a negative errno.
  */
 int nbdkit_server_set_memory_limits(struct nbdkit_server *srv, size_t per_connection, size_t total);
 

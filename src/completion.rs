@@ -125,34 +125,51 @@ impl Completions {
     }
 }
 
-/// Every live server, indexed by the server field of its tokens.
-static REGISTRY: RwLock<Slab<Arc<Completions>>> = RwLock::new(Slab::new());
+/// Every live server, indexed by the server field of its tokens. Ids are
+/// handed out round-robin, not lowest-free, so a freed server's id (and
+/// with it any stale op handle of that server) stays unused as long as
+/// possible.
+struct Registry {
+    servers: Vec<Option<Arc<Completions>>>,
+    next: usize,
+}
+
+static REGISTRY: RwLock<Registry> = RwLock::new(Registry { servers: Vec::new(), next: 0 });
 
 pub fn register(completions: Arc<Completions>) -> Option<usize> {
     let mut r = REGISTRY.write();
-    if r.vacant_key() >= 1 << SERVER_BITS {
-        return None;
+    const IDS: usize = 1 << SERVER_BITS;
+    let id = (0..IDS).map(|i| (r.next + i) % IDS).find(|&id| r.servers.get(id).is_none_or(|s| s.is_none()))?;
+    if id >= r.servers.len() {
+        r.servers.resize(id + 1, None);
     }
-    Some(r.insert(completions))
+    r.servers[id] = Some(completions);
+    r.next = id + 1;
+    Some(id)
 }
 
 pub fn unregister(server: usize) {
-    let mut r = REGISTRY.write();
-    if r.contains(server) {
-        r.remove(server);
+    if let Some(slot) = REGISTRY.write().servers.get_mut(server) {
+        *slot = None;
     }
 }
 
 /// Queues a reply for `token`, from any thread.
 pub fn complete(token: Token, outcome: Outcome) -> Result<(), ReplyError> {
     let r = REGISTRY.read();
-    let completions = r.get(token.server()).ok_or(ReplyError::UnknownServer)?;
+    let completions = r.servers.get(token.server()).and_then(|s| s.as_ref()).ok_or(ReplyError::UnknownServer)?;
     completions.push(Completion { token, outcome })
 }
+
+/// Where each new op table starts its generations: different for every
+/// table, so even a reused server id does not recreate old tokens.
+static GENERATION_SEED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 /// The loop thread's table of ops in flight, keyed by token slot.
 pub struct OpTable<T> {
     server: usize,
+    /// First generation of a fresh slot.
+    seed: u32,
     ops: Slab<(u32, T)>,
     /// Last generation used per slot, kept across removals so a stale token
     /// never matches the slot's next op.
@@ -167,7 +184,9 @@ impl<T> Default for OpTable<T> {
 
 impl<T> OpTable<T> {
     pub fn new(server: usize) -> Self {
-        OpTable { server, ops: Slab::new(), generations: Vec::new() }
+        // A large odd step walks all 2^24 generations before repeating.
+        let seed = GENERATION_SEED.fetch_add(0x9e_3779, std::sync::atomic::Ordering::Relaxed) & GEN_MASK as u32;
+        OpTable { server, seed, ops: Slab::new(), generations: Vec::new() }
     }
 
     pub fn len(&self) -> usize {
@@ -185,7 +204,7 @@ impl<T> OpTable<T> {
 
     fn next_generation(&mut self, slot: usize) -> u32 {
         if slot == self.generations.len() {
-            self.generations.push(0);
+            self.generations.push(self.seed);
         }
         let g = &mut self.generations[slot];
         *g = (*g + 1) & GEN_MASK as u32;

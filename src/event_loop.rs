@@ -34,6 +34,9 @@ const FIRST_CONN: usize = FIRST_LISTENER + MAX_LISTENERS;
 const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a stopping loop re-checks its limits.
 const STOPPING_TICK: Duration = Duration::from_millis(50);
+/// How long the connection allowed past the memory budget may sit on a
+/// half-received WRITE before the next connection gets the turn.
+const EXEMPT_STALL: Duration = Duration::from_secs(1);
 /// Pause before accepting again after EMFILE and the like.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
@@ -263,6 +266,10 @@ impl EventLoop {
         }
         self.apply_completions(now, &mut touched);
         self.expire(now, &mut touched);
+        if self.exempt_stall_deadline().is_some_and(|at| at <= now) {
+            // Its client stopped sending mid-WRITE: the next connection gets the turn.
+            self.state.exempt = None;
+        }
         // With no listener, the last client leaving ends the server (as
         // `nbdkit -s` does for its one client on stdin).
         let nothing_left = self.listeners.is_empty() && self.state.conns.is_empty();
@@ -280,6 +287,9 @@ impl EventLoop {
             self.service(key, now);
         }
         self.state.touched = touched;
+        if self.state.stopping_since.is_none() && self.listeners.is_empty() && self.state.conns.is_empty() {
+            self.begin_shutdown(now); // the last client just left
+        }
         self.shutdown_complete(now)
     }
 
@@ -296,7 +306,12 @@ impl EventLoop {
         if !s.again.is_empty() {
             return Some(Duration::ZERO);
         }
-        let mut next = [s.handshakes.as_ref().and_then(|h| h.next()), s.requests.as_ref().and_then(|r| r.next()), s.accept_retry]
+        let mut next = [
+            s.handshakes.as_ref().and_then(|h| h.next()),
+            s.requests.as_ref().and_then(|r| r.next()),
+            s.accept_retry,
+            self.exempt_stall_deadline(),
+        ]
             .into_iter()
             .flatten()
             .min();
@@ -305,6 +320,14 @@ impl EventLoop {
             next = Some(next.map_or(now + STOPPING_TICK, |n| n.min(now + STOPPING_TICK)));
         }
         next.map(|at| at.saturating_duration_since(now))
+    }
+
+    /// When the connection let past the memory budget counts as stalled:
+    /// only while it sits on a half-received WRITE with nothing dispatched.
+    fn exempt_stall_deadline(&self) -> Option<Instant> {
+        let (key, serial, since) = self.state.exempt?;
+        let c = self.state.conns.get(key).filter(|c| c.serial == serial)?;
+        (c.receiving() && c.dispatched_bytes() == 0).then_some(since + EXEMPT_STALL)
     }
 
     /// Runs `f` on connection `key` with a context, keeping the global
@@ -320,10 +343,19 @@ impl EventLoop {
             stats: &self.shared.stats,
             timeouts: s.requests.as_mut(),
             now,
-            over_budget: s.total_bytes >= self.config.max_total_bytes,
+            others_bytes: s.total_bytes - before,
+            exempt: &mut s.exempt,
         };
         let r = f(conn, &mut ctx);
-        s.total_bytes = s.total_bytes + conn.held_total() - before;
+        let after = conn.held_total();
+        s.total_bytes = s.total_bytes - before + after;
+        if s.exempt.is_some_and(|(k, serial, _)| (k, serial) == (key, conn.serial))
+            && conn.dispatched_bytes() == 0
+            && !conn.receiving()
+        {
+            // Its one request beyond the budget was answered: the next may go.
+            s.exempt = None;
+        }
         Some(r)
     }
 
@@ -404,12 +436,10 @@ impl EventLoop {
     /// on too long are answered with an error.
     fn expire(&mut self, now: Instant, touched: &mut Vec<usize>) {
         while let Some((key, serial)) = self.state.handshakes.as_mut().and_then(|h| h.pop_expired(now)) {
-            match self.state.conns.get_mut(key) {
-                Some(c) if c.serial == serial && !c.in_transmission() => {
-                    c.break_off("handshake timed out");
-                    touched.push(key);
-                }
-                _ => {}
+            let expired = self.state.conns.get(key).is_some_and(|c| c.serial == serial && !c.in_transmission());
+            if expired {
+                self.with_conn(key, now, |c, _| c.break_off("handshake timed out"));
+                touched.push(key);
             }
         }
         while let Some(token) = self.state.requests.as_mut().and_then(|r| r.pop_expired(now)) {
@@ -440,6 +470,9 @@ impl EventLoop {
         if finished {
             let mut conn = s.conns.remove(key);
             s.total_bytes -= conn.held_total();
+            if s.exempt.is_some_and(|(k, serial, _)| (k, serial) == (key, conn.serial)) {
+                s.exempt = None;
+            }
             self.shared.stats.disconnected();
             if let Some(stream) = conn.stream_mut() {
                 let _ = self.poll.registry().deregister(stream);
@@ -546,6 +579,8 @@ struct LoopState {
     completed: Vec<Completion>,
     /// Bytes held by all connections: the global memory budget's meter.
     total_bytes: usize,
+    /// The connection reading past the budget, if any (see `Connection::paused`).
+    exempt: Option<(usize, u64, Instant)>,
     handshakes: Option<Deadlines<(usize, u64)>>,
     requests: Option<Deadlines<Token>>,
     accept_retry: Option<Instant>,

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 /// Latency histogram buckets: bucket i counts replies that took
 /// [2^i, 2^(i+1)) microseconds (bucket 0 also takes anything faster).
-pub const LATENCY_BUCKETS: usize = 32;
+pub(crate) const LATENCY_BUCKETS: usize = 32;
 /// Request counters, indexed by NBD_CMD_* (READ = 0 ... BLOCK_STATUS = 7).
-pub const COMMANDS: usize = 8;
+pub(crate) const COMMANDS: usize = 8;
 
 #[derive(Default)]
 pub struct Stats {
@@ -56,13 +56,14 @@ impl Stats {
         self.latency[bucket].fetch_add(1, Relaxed);
     }
 
-    /// A request refused before the plugin saw it.
+    /// A request refused before the plugin saw it (answered at once).
     pub fn rejected(&self, cmd: u16) {
         self.count(cmd);
-        self.errors.fetch_add(1, Relaxed);
+        self.replied(0, true, Duration::ZERO);
     }
 
-    fn count(&self, cmd: u16) {
+    /// A request that is not answered (NBD_CMD_DISC).
+    pub fn count(&self, cmd: u16) {
         if let Some(c) = self.requests.get(cmd as usize) {
             c.fetch_add(1, Relaxed);
         }

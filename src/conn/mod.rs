@@ -72,8 +72,12 @@ pub struct Ctx<'a> {
     /// Per-request deadlines, when a request timeout is set.
     pub timeouts: Option<&'a mut Deadlines<Token>>,
     pub now: Instant,
-    /// All connections together hold more than the global budget.
-    pub over_budget: bool,
+    /// Bytes the other connections hold, for the global budget.
+    pub others_bytes: usize,
+    /// The one connection allowed to read past the global budget, so that
+    /// clients pinning memory cannot starve the rest (see `paused`), and
+    /// since when.
+    pub exempt: &'a mut Option<(usize, u64, Instant)>,
 }
 
 impl Ctx<'_> {
@@ -225,7 +229,22 @@ impl Connection {
 
     /// Bytes this connection holds: op buffers plus unsent replies.
     pub fn held_total(&self) -> usize {
-        self.held_bytes + self.output.bytes
+        self.plugin_held() + self.output.bytes
+    }
+
+    /// Bytes of requests handed to the plugin and not yet answered.
+    pub fn dispatched_bytes(&self) -> usize {
+        self.held_bytes
+    }
+
+    /// Bytes held for requests not yet answered: op buffers and a WRITE
+    /// payload being received.
+    pub fn plugin_held(&self) -> usize {
+        let receiving = match &self.phase {
+            Phase::Transmission(reader) => reader.payload_buffered(),
+            _ => 0,
+        };
+        self.held_bytes + receiving
     }
 
     /// True when the client can no longer receive replies.
@@ -239,17 +258,43 @@ impl Connection {
     }
 
     /// Whether to stop reading requests for now, and why.
-    fn paused(&self, ctx: &Ctx) -> Option<Next> {
+    fn paused(&self, ctx: &mut Ctx) -> Option<Next> {
+        match &self.phase {
+            // The handshake holds little (one bounded option) and must not
+            // wait on clients it has nothing to do with.
+            Phase::Handshake(_) | Phase::Waiting => return None,
+            // A payload is received to the end: pausing it halfway could
+            // leave every connection waiting on memory only they would free.
+            // Only the pages the client's bytes filled are resident.
+            Phase::Transmission(reader) if reader.receiving_payload() => return None,
+            Phase::Transmission(_) => {}
+        }
         let held = self.held_total();
         if self.inflight >= ctx.config.max_inflight || held >= ctx.config.max_connection_bytes {
-            Some(Next::Wait) // replies going out will wake us
-        } else if (ctx.over_budget && held > 0) || ctx.ops.is_full() {
-            // Over the global budget, a connection that holds nothing may
-            // still read, so no client can be starved forever.
-            Some(Next::Starved)
-        } else {
-            None
+            return Some(Next::Wait); // replies going out will wake us
         }
+        if ctx.ops.is_full() {
+            return Some(Next::Starved);
+        }
+        if ctx.others_bytes + held < ctx.config.max_total_bytes {
+            return None;
+        }
+        // Over the global budget. Clients that never read their replies
+        // could pin it for good, so one connection at a time that holds
+        // nothing may still read a request: the budget is overshot by at
+        // most one request, and nobody starves.
+        let me = (self.key, self.serial);
+        match *ctx.exempt {
+            None if held == 0 => *ctx.exempt = Some((me.0, me.1, ctx.now)),
+            Some((k, s, _)) if (k, s) == me && held == 0 => {}
+            _ => return Some(Next::Starved),
+        }
+        None
+    }
+
+    /// True while a WRITE payload is coming in.
+    pub fn receiving(&self) -> bool {
+        matches!(&self.phase, Phase::Transmission(r) if r.receiving_payload())
     }
 
     /// Reads and handles as much input as the budget and back-pressure allow.
@@ -373,6 +418,7 @@ impl Connection {
                 self.queue_error(&header, error);
             }
             Event::Disconnect => {
+                ctx.stats.count(CMD_DISC);
                 log::debug!("connection {}: NBD_CMD_DISC", self.serial);
                 self.reading_done = true;
                 self.in_start = self.in_end;

@@ -393,10 +393,14 @@ pub extern "C" fn nbdkit_server_set_max_connections(srv: *mut nbdkit_server, max
 /// Caps the memory clients can make the server hold: request payloads,
 /// read buffers and unsent replies, per connection (default 256 MiB) and
 /// over all connections (default 1 GiB). A connection at its cap, or any
-/// connection holding memory while the total is at its cap, is not read
-/// until replies go out. One request may overshoot a cap by its own size
-/// (at most 32 MiB). 0 keeps a default. Set-up thread only.
-/// Returns 0 or a negative errno.
+/// connection holding memory while the total is at its cap, gets no new
+/// request read until replies go out; one connection at a time that holds
+/// nothing may still start one, so no client starves. A request may thus
+/// overshoot a cap by its own size (at most 32 MiB). A WRITE payload, once
+/// started, is received to its end; its buffer grows with what the client
+/// actually sent, so a client stalling mid-payload holds at most that (cap
+/// connections with `nbdkit_server_set_max_connections` to bound those).
+/// 0 keeps a default. Set-up thread only. Returns 0 or a negative errno.
 #[unsafe(no_mangle)]
 pub extern "C" fn nbdkit_server_set_memory_limits(srv: *mut nbdkit_server, per_connection: usize, total: usize) -> c_int {
     with_setup(srv, "nbdkit_server_set_memory_limits", |l| {

@@ -491,7 +491,13 @@ fn send_info(out: &mut Vec<u8>, opt: u32, info: &ExportInfo, requests: &[u16]) {
     }
     option_reply(out, opt, REP_INFO, &block_size);
 
+    let mut sent = Vec::new();
     for &request in requests {
+        // Each kind of information once, however often it is asked for.
+        if sent.contains(&request) {
+            continue;
+        }
+        sent.push(request);
         let mut payload = request.to_be_bytes().to_vec();
         match request {
             INFO_NAME => payload.extend_from_slice(info.name.as_bytes()),
@@ -601,6 +607,7 @@ mod tests {
                 Outcome::NeedMore => assert_eq!(used, 1),
                 Outcome::Done(n) => break n,
                 Outcome::Close(why) => panic!("closed: {why}"),
+                Outcome::StartTls => panic!("no STARTTLS was sent"),
             }
         };
         assert_eq!(&input[pos..], b"tail");
@@ -833,5 +840,50 @@ mod tests {
         let (_, outcome) = hs.feed(&input, &mut Vec::new(), &mut ex);
         let Outcome::Done(n) = outcome else { panic!("{outcome:?}") };
         assert!(n.contexts.is_empty());
+    }
+
+    #[test]
+    fn tls_required_refuses_everything_but_starttls_then_resets() {
+        let mut out = Vec::new();
+        let mut hs = Handshake::new(&mut out, TlsMode::Require);
+        let mut ex = OneExport { opened: vec![] };
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
+        input.extend(option(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(option(OPT_LIST, &[]));
+        input.extend(option(OPT_STARTTLS, &[]));
+        out.clear();
+        let (used, outcome) = hs.feed(&input, &mut out, &mut ex);
+        assert_eq!((used, outcome), (input.len(), Outcome::StartTls));
+        let r: Vec<u32> = replies(&out).iter().map(|x| x.1).collect();
+        assert_eq!(r, vec![REP_ERR_TLS_REQD, REP_ERR_TLS_REQD, REP_ACK]);
+        hs.tls_started();
+        // Over TLS: a second STARTTLS is invalid; GO works, without the
+        // structured replies asked for in plaintext.
+        let mut input = option(OPT_STARTTLS, &[]);
+        input.extend(option(OPT_GO, &info_request("", &[])));
+        out.clear();
+        let (_, outcome) = hs.feed(&input, &mut out, &mut ex);
+        let Outcome::Done(n) = outcome else { panic!("{outcome:?}") };
+        assert!(!n.structured_replies);
+        assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
+    }
+
+    #[test]
+    fn starttls_refused_when_tls_is_off_and_export_name_closes_when_required() {
+        let (hs, mut ex) = start(); // TlsMode::Allow
+        let mut out = Vec::new();
+        let mut off = Handshake::new(&mut out, TlsMode::Off);
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
+        input.extend(option(OPT_STARTTLS, &[]));
+        out.clear();
+        let (_, outcome) = off.feed(&input, &mut out, &mut ex);
+        assert_eq!(outcome, Outcome::NeedMore);
+        assert_eq!(replies(&out)[0].1, REP_ERR_UNSUP);
+        let mut req = Handshake::new(&mut out, TlsMode::Require);
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
+        input.extend(option(OPT_EXPORT_NAME, b""));
+        let (_, outcome) = req.feed(&input, &mut Vec::new(), &mut ex);
+        assert!(matches!(outcome, Outcome::Close(_)));
+        let _ = hs.buffered();
     }
 }

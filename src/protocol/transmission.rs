@@ -90,6 +90,9 @@ pub enum Event {
 
 enum State {
     Header { buf: [u8; REQUEST_HEADER_LEN], have: usize },
+    /// `buf` is zeroed memory from calloc, so only the pages the client's
+    /// bytes land on become resident: a client that stalls mid-payload
+    /// holds what it sent, not what it claimed.
     Payload { header: RequestHeader, buf: Vec<u8>, have: usize },
     Discard { header: RequestHeader, error: u32, remaining: u64 },
 }
@@ -149,6 +152,19 @@ impl RequestReader {
         }
     }
 
+    /// Bytes received so far of a WRITE payload still coming in.
+    pub fn payload_buffered(&self) -> usize {
+        match &self.state {
+            State::Payload { have, .. } => *have,
+            _ => 0,
+        }
+    }
+
+    /// True while a WRITE payload is being received.
+    pub fn receiving_payload(&self) -> bool {
+        matches!(self.state, State::Payload { .. })
+    }
+
     /// While a WRITE payload is being received, the part still missing, so
     /// the caller can read from the socket straight into it.
     pub fn payload_space(&mut self) -> Option<&mut [u8]> {
@@ -179,7 +195,7 @@ impl RequestReader {
     }
 
     fn on_header(&mut self, header: RequestHeader) -> Option<Event> {
-        log::trace!(
+        log::debug!(
             "request {} cookie={:#x} offset={} length={} flags={:#x}",
             cmd_name(header.cmd),
             header.cookie,
@@ -194,8 +210,7 @@ impl RequestReader {
         match validate(&header, &self.caps) {
             Ok(()) if payload_len == 0 => Some(Event::Request(Request { header, payload: Vec::new() })),
             Ok(()) => {
-                let buf = vec![0u8; payload_len as usize];
-                self.state = State::Payload { header, buf, have: 0 };
+                self.state = State::Payload { header, buf: vec![0u8; payload_len as usize], have: 0 };
                 None
             }
             Err(error) if payload_len == 0 => Some(Event::Reject { header, error }),
