@@ -1,0 +1,1010 @@
+/* asio-gateway: an NBD-to-NBD gateway on boost::asio.
+ *
+ * It serves NBD downstream through libnbdkit-async and forwards every
+ * request to an upstream NBD server over asio sockets, speaking the NBD
+ * client side itself:
+ *
+ *   NBD clients ──► libnbdkit-async event loop ──post──► upstream strand
+ *   (downstream)    (main thread: gateway::pread,        (pool threads:
+ *                    pwrite, ... return at once)           async_write the
+ *                                                          request, later
+ *                  ◄── nbdkit::op::reply() ─────────────── async_read the
+ *                      (from the asio completion handler)  reply, by cookie)
+ *
+ * Thousands of requests can be in flight on a pool of two threads: a
+ * request is an entry in a map keyed by its NBD cookie, never a thread or
+ * a blocking call. Each upstream connection is a small state machine on
+ * its own strand, so its state needs no lock. The downstream op travels
+ * with the request and is answered from the asio handler that sees the
+ * upstream reply; read data is received straight into the buffer the
+ * library handed to pread.
+ *
+ * When an upstream connection drops, its requests in flight fail with EIO
+ * and it reconnects with backoff; while no upstream connection is up, new
+ * requests fail at once instead of waiting.
+ *
+ *   build/asio-gateway [--unix PATH] [--tcp HOST:PORT] --upstream URI
+ *                      [--threads N] [--upstream-connections N]
+ *
+ * URI is nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT.
+ */
+#include <getopt.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cctype>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstring>
+#include <functional>
+#include <future>
+#include <iostream>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <boost/asio.hpp>
+
+#include <nbdkit-async.hpp>
+
+namespace asio = boost::asio;
+using boost::system::error_code;
+using namespace std::chrono_literals;
+
+static void warn(const std::string &msg)
+{
+  std::string line = "asio-gateway: " + msg + "\n";
+  std::fputs(line.c_str(), stderr);   /* one write: threads do not mix */
+}
+
+/* ---------------------------------------------------------------------
+ * The NBD wire format, client side (see the NBD protocol, doc/proto.md).
+ */
+namespace wire {
+
+constexpr uint64_t NBDMAGIC = 0x4e42444d41474943;    /* "NBDMAGIC" */
+constexpr uint64_t IHAVEOPT = 0x49484156454f5054;    /* "IHAVEOPT" */
+constexpr uint64_t OPT_REPLY_MAGIC = 0x3e889045565a9;
+constexpr uint32_t REQUEST_MAGIC = 0x25609513;
+constexpr uint32_t SIMPLE_REPLY_MAGIC = 0x67446698;
+constexpr uint32_t STRUCTURED_REPLY_MAGIC = 0x668e33ef;
+
+constexpr uint16_t FLAG_FIXED_NEWSTYLE = 1 << 0;     /* handshake flags */
+constexpr uint16_t FLAG_NO_ZEROES = 1 << 1;
+
+constexpr uint32_t OPT_GO = 7;
+constexpr uint32_t OPT_STRUCTURED_REPLY = 8;
+constexpr uint32_t REP_ACK = 1;
+constexpr uint32_t REP_INFO = 3;
+constexpr uint32_t REP_ERR_UNSUP = (1u << 31) + 1;
+constexpr uint16_t INFO_EXPORT = 0;
+
+constexpr uint16_t TF_READ_ONLY = 1 << 1;            /* transmission flags */
+constexpr uint16_t TF_SEND_FLUSH = 1 << 2;
+constexpr uint16_t TF_SEND_FUA = 1 << 3;
+constexpr uint16_t TF_SEND_TRIM = 1 << 5;
+constexpr uint16_t TF_SEND_WRITE_ZEROES = 1 << 6;
+constexpr uint16_t TF_CAN_MULTI_CONN = 1 << 8;
+constexpr uint16_t TF_SEND_CACHE = 1 << 10;
+
+constexpr uint16_t CMD_READ = 0;
+constexpr uint16_t CMD_WRITE = 1;
+constexpr uint16_t CMD_DISC = 2;
+constexpr uint16_t CMD_FLUSH = 3;
+constexpr uint16_t CMD_TRIM = 4;
+constexpr uint16_t CMD_CACHE = 5;
+constexpr uint16_t CMD_WRITE_ZEROES = 6;
+constexpr uint16_t CMD_FLAG_FUA = 1 << 0;
+constexpr uint16_t CMD_FLAG_NO_HOLE = 1 << 1;
+
+constexpr uint16_t REPLY_FLAG_DONE = 1 << 0;
+constexpr uint16_t REPLY_TYPE_NONE = 0;
+constexpr uint16_t REPLY_TYPE_OFFSET_DATA = 1;
+constexpr uint16_t REPLY_TYPE_OFFSET_HOLE = 2;
+constexpr uint16_t REPLY_TYPE_ERROR_BIT = 1 << 15;   /* all error chunks */
+
+constexpr uint32_t NBD_EIO = 5;
+
+/* NBD error values are a fixed set; the host's errno may differ. */
+inline int to_errno(uint32_t nbd_error)
+{
+  switch (nbd_error) {
+  case 1: return EPERM;
+  case 12: return ENOMEM;
+  case 22: return EINVAL;
+  case 28: return ENOSPC;
+  case 75: return EOVERFLOW;
+  case 95: return ENOTSUP;
+  /* ESHUTDOWN (108) means the upstream is going away, not us: our
+   * client must not take it as a reason to disconnect. */
+  default: return EIO;
+  }
+}
+
+/* Big-endian fields: get from bytes, put to bytes (returning the end). */
+inline uint16_t get16(const unsigned char *p)
+{
+  return static_cast<uint16_t>(p[0] << 8 | p[1]);
+}
+inline uint32_t get32(const unsigned char *p)
+{
+  return uint32_t(get16(p)) << 16 | get16(p + 2);
+}
+inline uint64_t get64(const unsigned char *p)
+{
+  return uint64_t(get32(p)) << 32 | get32(p + 4);
+}
+inline unsigned char *put(unsigned char *p, uint64_t v, int bytes)
+{
+  for (int i = bytes - 1; i >= 0; i--)
+    *p++ = static_cast<unsigned char>(v >> (8 * i));
+  return p;
+}
+inline void put(std::vector<unsigned char> &out, uint64_t v, int bytes)
+{
+  out.resize(out.size() + bytes);
+  put(out.data() + out.size() - bytes, v, bytes);
+}
+
+} // namespace wire
+
+/* ---------------------------------------------------------------------
+ * Where the upstream is: parsed from an NBD URI.
+ */
+struct upstream_address {
+  std::string export_name;
+  std::string socket_path;        /* nbd+unix:// */
+  std::string host, port;         /* nbd:// */
+};
+
+static std::string percent_decode(const std::string &s)
+{
+  std::string out;
+  for (std::size_t i = 0; i < s.size(); i++) {
+    if (s[i] == '%' && i + 2 < s.size() && std::isxdigit(s[i + 1]) &&
+        std::isxdigit(s[i + 2])) {
+      out += static_cast<char>(std::stoi(s.substr(i + 1, 2), nullptr, 16));
+      i += 2;
+    }
+    else
+      out += s[i];
+  }
+  return out;
+}
+
+static upstream_address parse_uri(const std::string &uri)
+{
+  upstream_address a;
+  std::string rest, query;
+  if (uri.rfind("nbd+unix://", 0) == 0)
+    rest = uri.substr(11);
+  else if (uri.rfind("nbd://", 0) == 0)
+    rest = uri.substr(6);
+  else
+    throw std::invalid_argument("unsupported upstream URI (want nbd:// or "
+                                "nbd+unix://): " + uri);
+  bool is_unix = uri[3] == '+';
+  if (auto q = rest.find('?'); q != std::string::npos) {
+    query = rest.substr(q + 1);
+    rest.resize(q);
+  }
+  auto slash = rest.find('/');
+  std::string authority = rest.substr(0, slash);
+  if (slash != std::string::npos)
+    a.export_name = percent_decode(rest.substr(slash + 1));
+
+  if (is_unix) {
+    for (std::size_t pos = 0; pos <= query.size();) {
+      auto end = std::min(query.find('&', pos), query.size());
+      std::string kv = query.substr(pos, end - pos);
+      if (kv.rfind("socket=", 0) == 0)
+        a.socket_path = percent_decode(kv.substr(7));
+      pos = end + 1;
+    }
+    if (!authority.empty() || a.socket_path.empty())
+      throw std::invalid_argument("want nbd+unix:///EXPORT?socket=PATH: " +
+                                  uri);
+    return a;
+  }
+  /* HOST, HOST:PORT, [IPV6] or [IPV6]:PORT */
+  a.port = "10809";
+  std::size_t colon = authority.rfind(':');
+  if (!authority.empty() && authority[0] == '[') {
+    auto end = authority.find(']');
+    if (end == std::string::npos)
+      throw std::invalid_argument("bad IPv6 address in " + uri);
+    a.host = authority.substr(1, end - 1);
+    if (end + 1 < authority.size() && authority[end + 1] == ':')
+      a.port = authority.substr(end + 2);
+  }
+  else if (colon != std::string::npos) {
+    a.host = authority.substr(0, colon);
+    a.port = authority.substr(colon + 1);
+  }
+  else
+    a.host = authority;
+  if (a.host.empty())
+    throw std::invalid_argument("no host in " + uri);
+  return a;
+}
+
+/* ---------------------------------------------------------------------
+ * One downstream op on its way upstream and back.
+ */
+struct request {
+  nbdkit::op op;                   /* answered when the upstream replies */
+  uint16_t cmd = 0;
+  uint16_t flags = 0;              /* NBD command flags */
+  uint64_t offset = 0;
+  uint32_t count = 0;
+  void *read_buf = nullptr;        /* READ: the library's buffer, ours
+                                      until op is answered */
+  const void *write_buf = nullptr; /* WRITE: the payload, likewise */
+
+  /* Filled in by the upstream connection. */
+  uint64_t cookie = 0;
+  std::array<unsigned char, 28> header{};
+  uint32_t error = 0;              /* from an error chunk */
+  uint64_t received = 0;           /* READ bytes received so far */
+};
+
+struct export_info {
+  uint64_t size = 0;
+  uint16_t flags = 0;              /* transmission flags */
+  bool operator==(const export_info &o) const
+  {
+    return size == o.size && flags == o.flags;
+  }
+};
+
+/* ---------------------------------------------------------------------
+ * One upstream NBD connection.
+ *
+ * Everything below runs on the connection's strand (the socket's and the
+ * timer's executor, so their completion handlers land there by default),
+ * except submit() and stop(), which post to it, and ready().
+ *
+ * States: connecting (connect + handshake, under a deadline) → ready
+ * (requests flow) → down (after any error: requests failed, reconnect
+ * after a backoff) → connecting ... and stopped at the end.
+ */
+class upstream {
+public:
+  using endpoint = asio::generic::stream_protocol::endpoint;
+  /* Told of every handshake (info), and of every failure to connect or
+   * shake hands (error); not of losing a ready connection. */
+  using status_fn = std::function<void(const export_info *info,
+                                       const std::string &error)>;
+
+  upstream(asio::thread_pool &pool, int index,
+           std::vector<endpoint> endpoints, std::string export_name,
+           status_fn on_status)
+    : strand_(asio::make_strand(pool)), socket_(strand_), timer_(strand_),
+      index_(index), endpoints_(std::move(endpoints)),
+      export_name_(std::move(export_name)), on_status_(std::move(on_status))
+  {
+  }
+
+  /* Any thread. */
+  void start() { asio::post(strand_, [this] { connect(); }); }
+  bool ready() const { return ready_.load(std::memory_order_relaxed); }
+
+  /* Any thread (the event loop): hands a request to the strand. */
+  void submit(std::unique_ptr<request> r)
+  {
+    asio::post(strand_, [this, r = std::move(r)]() mutable {
+      send(std::move(r));
+    });
+  }
+
+  /* Any thread: close for good. The caller then joins the pool. */
+  void stop()
+  {
+    asio::post(strand_, [this] {
+      if (state_ == state::ready && inflight_.empty() && !writing_)
+        say_goodbye();
+      stopped_ = true;
+      timer_.cancel();
+      fail("stopped", ESHUTDOWN);
+    });
+  }
+
+private:
+  enum class state { connecting, ready, down };
+
+  /* -- connecting --------------------------------------------------- */
+
+  void connect()
+  {
+    state_ = state::connecting;
+    /* One deadline covers connect and handshake. */
+    timer_.expires_after(10s);
+    timer_.async_wait([this, epoch = epoch_](error_code ec) {
+      if (!ec && epoch == epoch_)
+        fail("connect and handshake timed out");
+    });
+    auto connected = [this, epoch = epoch_](error_code ec,
+                                            const endpoint &ep) {
+      if (epoch != epoch_)
+        return;
+      if (ec)
+        return fail("connect: " + ec.message());
+      if (ep.protocol().family() != AF_UNIX)
+        socket_.set_option(asio::ip::tcp::no_delay(true), ec);
+      handshake();
+    };
+    asio::async_connect(socket_, endpoints_, connected);
+  }
+
+  /* Fixed newstyle: the server's greeting, our flags, then options. */
+  void handshake()
+  {
+    read(asio::buffer(in_, 18), [this] {
+      if (wire::get64(in_) != wire::NBDMAGIC ||
+          wire::get64(in_ + 8) != wire::IHAVEOPT)
+        return fail("not an NBD server speaking newstyle negotiation");
+      uint16_t hflags = wire::get16(in_ + 16);
+      if (!(hflags & wire::FLAG_FIXED_NEWSTYLE))
+        return fail("the server does not speak fixed newstyle");
+      out_.clear();
+      wire::put(out_, wire::FLAG_FIXED_NEWSTYLE |
+                      (hflags & wire::FLAG_NO_ZEROES), 4);
+      add_option(wire::OPT_STRUCTURED_REPLY, {});
+      write(asio::buffer(out_), [this] {
+        /* Acked or refused, both reply kinds are handled below; with
+         * structured replies an upstream read error cannot force a hard
+         * disconnect, and reads may come back in chunks (or holes). */
+        read_option_reply(wire::OPT_STRUCTURED_REPLY,
+                          [this](uint32_t) { go(); });
+      });
+    });
+  }
+
+  /* NBD_OPT_GO: choose the export; NBD_INFO_EXPORT brings size and flags. */
+  void go()
+  {
+    std::vector<unsigned char> data;
+    wire::put(data, export_name_.size(), 4);
+    data.insert(data.end(), export_name_.begin(), export_name_.end());
+    wire::put(data, 0, 2);                  /* no extra info requests */
+    out_.clear();
+    add_option(wire::OPT_GO, data);
+    got_info_ = false;
+    write(asio::buffer(out_), [this] { read_go_replies(); });
+  }
+
+  void read_go_replies()
+  {
+    read_option_reply(wire::OPT_GO, [this](uint32_t type) {
+      if (type == wire::REP_INFO) {
+        if (payload_.size() >= 12 &&
+            wire::get16(payload_.data()) == wire::INFO_EXPORT) {
+          info_.size = wire::get64(&payload_[2]);
+          info_.flags = wire::get16(&payload_[10]);
+          got_info_ = true;
+        }
+        return read_go_replies();           /* more replies follow */
+      }
+      if (type == wire::REP_ACK && got_info_)
+        return now_ready();
+      std::string why = type == wire::REP_ERR_UNSUP
+        ? "the server does not support NBD_OPT_GO"
+        : "export \"" + export_name_ + "\" refused";
+      if ((type & (1u << 31)) && !payload_.empty())
+        why += ": " + std::string(payload_.begin(), payload_.end());
+      fail(why);
+    });
+  }
+
+  void add_option(uint32_t opt, const std::vector<unsigned char> &data)
+  {
+    wire::put(out_, wire::IHAVEOPT, 8);
+    wire::put(out_, opt, 4);
+    wire::put(out_, data.size(), 4);
+    out_.insert(out_.end(), data.begin(), data.end());
+  }
+
+  /* Reads one option reply header and its payload (into payload_). */
+  template <class Next>
+  void read_option_reply(uint32_t opt, Next next)
+  {
+    read(asio::buffer(in_, 20), [this, opt, next]() mutable {
+      uint32_t length = wire::get32(in_ + 16);
+      if (wire::get64(in_) != wire::OPT_REPLY_MAGIC ||
+          wire::get32(in_ + 8) != opt || length > 65536)
+        return fail("bad option reply");
+      uint32_t type = wire::get32(in_ + 12);
+      payload_.resize(length);
+      read(asio::buffer(payload_), [next, type]() mutable { next(type); });
+    });
+  }
+
+  void now_ready()
+  {
+    timer_.cancel();                        /* the handshake deadline */
+    if (first_info_ && !(*first_info_ == info_))
+      warn(name() + ": the export's size or flags changed across a "
+          "reconnect; clients keep what they were told");
+    if (!first_info_)
+      first_info_ = info_;
+    if (recovering_)
+      warn(name() + ": connected again");
+    recovering_ = false;
+    state_ = state::ready;
+    backoff_ = initial_backoff;
+    ready_ = true;
+    on_status_(&info_, {});
+    read_reply();
+  }
+
+  /* -- transmission: requests out ----------------------------------- */
+
+  void send(std::unique_ptr<request> r)
+  {
+    if (state_ != state::ready) {
+      r->op.reply_error(EIO);               /* went down meanwhile */
+      return;
+    }
+    r->cookie = next_cookie_++;
+    unsigned char *p = r->header.data();
+    p = wire::put(p, wire::REQUEST_MAGIC, 4);
+    p = wire::put(p, r->flags, 2);
+    p = wire::put(p, r->cmd, 2);
+    p = wire::put(p, r->cookie, 8);
+    p = wire::put(p, r->offset, 8);
+    wire::put(p, r->count, 4);
+    queue_.push_back(r.get());
+    inflight_.emplace(r->cookie, std::move(r));
+    if (!writing_)
+      write_queue();
+  }
+
+  /* One gathered write for every request queued meanwhile: under load a
+   * single sendmsg carries many requests. Buffers point into the requests
+   * (headers) and into the library's write buffers (payloads): a reply
+   * may retire a request while this write is still going, but only once
+   * the upstream has read all of it (an NBD server reads a request,
+   * payload included, before answering), so asio is past those bytes.
+   */
+  void write_queue()
+  {
+    writing_ = true;
+    buffers_.clear();
+    for (request *r : queue_) {
+      buffers_.push_back(asio::buffer(r->header));
+      if (r->cmd == wire::CMD_WRITE)
+        buffers_.push_back(asio::buffer(r->write_buf, r->count));
+    }
+    queue_.clear();
+    write(buffers_, [this] {
+      writing_ = false;
+      if (!queue_.empty())
+        write_queue();
+    });
+  }
+
+  /* Best effort, never blocking: NBD_CMD_DISC if the socket takes it now. */
+  void say_goodbye()
+  {
+    out_.clear();
+    wire::put(out_, wire::REQUEST_MAGIC, 4);
+    wire::put(out_, 0, 2);
+    wire::put(out_, wire::CMD_DISC, 2);
+    wire::put(out_, 0, 8);                  /* cookie */
+    wire::put(out_, 0, 8);                  /* offset */
+    wire::put(out_, 0, 4);                  /* length */
+    error_code ec;
+    socket_.non_blocking(true, ec);
+    socket_.write_some(asio::buffer(out_), ec);
+  }
+
+  /* -- transmission: replies in ------------------------------------- */
+
+  /* Both reply kinds start with 16 bytes: magic, then (error, cookie) for
+   * a simple reply or (flags, type, cookie) for a structured chunk, whose
+   * 4-byte length follows.
+   */
+  void read_reply()
+  {
+    read(asio::buffer(in_, 16), [this] {
+      uint32_t magic = wire::get32(in_);
+      if (magic == wire::SIMPLE_REPLY_MAGIC)
+        return simple_reply();
+      if (magic == wire::STRUCTURED_REPLY_MAGIC)
+        return read(asio::buffer(in_ + 16, 4), [this] { chunk(); });
+      fail("bad reply magic from upstream");
+    });
+  }
+
+  void simple_reply()
+  {
+    request *r = find(wire::get64(in_ + 8));
+    if (r == nullptr)
+      return;
+    r->error = wire::get32(in_ + 4);
+    if (r->cmd == wire::CMD_READ && r->error == 0) {
+      /* The data follows: straight into the library's buffer. */
+      return read(asio::buffer(r->read_buf, r->count), [this, r] {
+        r->received = r->count;
+        finish(r);
+        read_reply();
+      });
+    }
+    finish(r);
+    read_reply();
+  }
+
+  void chunk()
+  {
+    uint16_t flags = wire::get16(in_ + 4);
+    uint16_t type = wire::get16(in_ + 6);
+    uint32_t length = wire::get32(in_ + 16);
+    request *r = find(wire::get64(in_ + 8));
+    if (r == nullptr)
+      return;
+    /* After this chunk's payload: retire the request on the last chunk,
+     * then wait for the next reply. */
+    auto next = [this, r, done = (flags & wire::REPLY_FLAG_DONE) != 0] {
+      if (done)
+        finish(r);
+      read_reply();
+    };
+    bool is_read = r->cmd == wire::CMD_READ;
+
+    if (type == wire::REPLY_TYPE_NONE && length == 0)
+      return next();
+    if (type == wire::REPLY_TYPE_OFFSET_DATA && is_read && length > 8) {
+      return read(asio::buffer(in_, 8), [this, r, length, next] {
+        uint64_t n = length - 8;
+        char *dst = place(r, wire::get64(in_), n);
+        if (dst == nullptr)
+          return;
+        read(asio::buffer(dst, n), next);   /* into the library's buffer */
+      });
+    }
+    if (type == wire::REPLY_TYPE_OFFSET_HOLE && is_read && length == 12) {
+      return read(asio::buffer(in_, 12), [this, r, next] {
+        uint32_t n = wire::get32(in_ + 8);
+        char *dst = place(r, wire::get64(in_), n);
+        if (dst == nullptr)
+          return;
+        std::memset(dst, 0, n);
+        next();
+      });
+    }
+    if ((type & wire::REPLY_TYPE_ERROR_BIT) && length >= 6 && length <= 65536) {
+      /* error (32), message length (16), message, maybe an offset */
+      payload_.resize(length);
+      return read(asio::buffer(payload_), [this, r, next] {
+        uint32_t error = wire::get32(payload_.data());
+        r->error = error ? error : wire::NBD_EIO;
+        next();
+      });
+    }
+    fail("unexpected reply chunk type " + std::to_string(type));
+  }
+
+  /* Where a content chunk for [offset, offset + n) goes in r's buffer; the
+   * upstream must stay inside the request (else: a protocol error).
+   */
+  char *place(request *r, uint64_t offset, uint64_t n)
+  {
+    if (offset < r->offset || n > r->count ||
+        offset - r->offset > r->count - n) {
+      fail("reply chunk outside its request");
+      return nullptr;
+    }
+    r->received += n;
+    return static_cast<char *>(r->read_buf) + (offset - r->offset);
+  }
+
+  request *find(uint64_t cookie)
+  {
+    auto it = inflight_.find(cookie);
+    if (it == inflight_.end()) {
+      fail("reply to a request never sent");
+      return nullptr;
+    }
+    return it->second.get();
+  }
+
+  /* The upstream's answer becomes the downstream answer. */
+  void finish(request *r)
+  {
+    auto it = inflight_.find(r->cookie);
+    std::unique_ptr<request> done = std::move(it->second);
+    inflight_.erase(it);
+    if (done->error == 0 && done->cmd == wire::CMD_READ &&
+        done->received != done->count)
+      done->error = wire::NBD_EIO;          /* success without all the data */
+    if (done->error)
+      done->op.reply_error(wire::to_errno(done->error));
+    else
+      done->op.reply();
+  }
+
+  /* -- errors and reconnection -------------------------------------- */
+
+  /* The connection is lost: every request on it fails, and new requests
+   * fail at once until a reconnect succeeds.
+   *
+   * Answering a READ op frees the buffer an async_read may be filling.
+   * That is safe here: closing the socket cancels its pending operations
+   * under the same per-socket lock asio's reactor holds while it performs
+   * them, so once close() returns nothing writes into those buffers.
+   */
+  void fail(const std::string &why, int err = EIO)
+  {
+    if (state_ == state::down)
+      return;
+    bool was_ready = state_ == state::ready;
+    /* One line when a connection is lost or an outage begins, not one
+     * per reconnect attempt. */
+    if (!stopped_ && was_ready)
+      warn(name() + ": " + why + "; failing " +
+           std::to_string(inflight_.size()) + " requests; reconnecting");
+    else if (!stopped_ && !recovering_)
+      warn(name() + ": " + why + "; retrying with backoff");
+    recovering_ = !stopped_;
+    state_ = state::down;
+    ready_ = false;
+    ++epoch_;                 /* handlers still pending are now stale */
+    error_code ignored;
+    socket_.close(ignored);
+    writing_ = false;
+    queue_.clear();
+    for (auto &entry : inflight_)
+      entry.second->op.reply_error(err);
+    inflight_.clear();
+    if (!was_ready)
+      on_status_(nullptr, why);
+    if (stopped_)
+      return;
+    timer_.expires_after(backoff_);
+    backoff_ = std::min(backoff_ * 2, max_backoff);
+    timer_.async_wait([this, epoch = epoch_](error_code ec) {
+      if (!ec && epoch == epoch_ && !stopped_)
+        connect();
+    });
+  }
+
+  /* Every socket completion goes through here: it ignores completions of
+   * a connection already torn down (the epoch moved on) and turns errors
+   * into fail(); otherwise it calls `next`.
+   */
+  template <class Next>
+  auto checked(Next next)
+  {
+    return [this, epoch = epoch_, next = std::move(next)](error_code ec,
+                                                         std::size_t) mutable {
+      if (epoch != epoch_)
+        return;
+      if (ec == asio::error::eof)
+        return fail("the upstream closed the connection");
+      if (ec)
+        return fail(ec.message());
+      next();
+    };
+  }
+  template <class Buffers, class Next>
+  void read(const Buffers &b, Next next)
+  {
+    asio::async_read(socket_, b, checked(std::move(next)));
+  }
+  template <class Buffers, class Next>
+  void write(const Buffers &b, Next next)
+  {
+    asio::async_write(socket_, b, checked(std::move(next)));
+  }
+
+  std::string name() const { return "upstream #" + std::to_string(index_); }
+
+  static constexpr std::chrono::milliseconds initial_backoff = 50ms;
+  static constexpr std::chrono::milliseconds max_backoff = 1000ms;
+
+  asio::strand<asio::thread_pool::executor_type> strand_;
+  asio::generic::stream_protocol::socket socket_;
+  asio::steady_timer timer_;       /* handshake deadline, then backoff */
+  const int index_;
+  const std::vector<endpoint> endpoints_;
+  const std::string export_name_;
+  const status_fn on_status_;
+
+  state state_ = state::down;
+  std::atomic<bool> ready_{false}; /* read by the event loop */
+  bool stopped_ = false;
+  bool recovering_ = false;        /* failed since last ready (logged) */
+  unsigned epoch_ = 0;             /* bumped whenever the socket closes */
+  std::chrono::milliseconds backoff_ = initial_backoff;
+
+  bool got_info_ = false;
+  export_info info_;
+  std::optional<export_info> first_info_;
+
+  unsigned char in_[20];           /* headers being read */
+  std::vector<unsigned char> payload_;
+  std::vector<unsigned char> out_; /* handshake bytes being written */
+
+  uint64_t next_cookie_ = 1;
+  std::unordered_map<uint64_t, std::unique_ptr<request>> inflight_;
+  std::vector<request *> queue_;   /* in inflight_, not yet written */
+  bool writing_ = false;
+  std::vector<asio::const_buffer> buffers_;
+};
+
+/* ---------------------------------------------------------------------
+ * The plugin: what the library calls, on its event-loop thread.
+ */
+class gateway {
+public:
+  gateway(const upstream_address &addr, unsigned threads, unsigned connections)
+    : pool_(threads), addr_(addr), connections_(connections)
+  {
+  }
+
+  /* Joins the pool: no thread touches an op or an upstream afterwards. */
+  ~gateway() { stop(); }
+
+  asio::thread_pool &pool() { return pool_; }
+
+  /* Connects one upstream connection and waits for its handshake: its
+   * export's size and flags decide what the gateway offers. Then opens
+   * the other connections, if sharing the load between them is safe.
+   * Main thread, before serving; throws if the upstream cannot be reached.
+   */
+  void start()
+  {
+    endpoints_ = resolve();
+    add_upstream();
+    info_ = startup_.get_future().get();
+    if (connections_ > 1 && !(info_.flags & wire::TF_CAN_MULTI_CONN)) {
+      warn("the upstream does not allow multi-conn: using one connection");
+      connections_ = 1;
+    }
+    while (upstreams_.size() < connections_)
+      add_upstream();
+  }
+
+  /* Main thread, once the server loop has returned (and any other work
+   * on the pool, such as a signal_set, was cancelled). Idempotent.
+   */
+  void stop()
+  {
+    for (auto &u : upstreams_)
+      u->stop();
+    pool_.join();
+  }
+
+  /* What we offer is what the upstream offers. */
+  int64_t get_size() const { return static_cast<int64_t>(info_.size); }
+  bool can_write() const { return !(info_.flags & wire::TF_READ_ONLY); }
+  bool can_flush() const { return info_.flags & wire::TF_SEND_FLUSH; }
+  bool can_trim() const { return info_.flags & wire::TF_SEND_TRIM; }
+  bool can_zero() const { return info_.flags & wire::TF_SEND_WRITE_ZEROES; }
+  bool can_cache() const { return info_.flags & wire::TF_SEND_CACHE; }
+  nbdkit::fua_mode can_fua() const
+  {
+    return info_.flags & wire::TF_SEND_FUA ? nbdkit::fua_mode::native
+                                           : nbdkit::fua_mode::none;
+  }
+  /* Every client shares our upstream connections: a flush covers them
+   * all if the upstream says so, or if there is just one.
+   */
+  bool can_multi_conn() const
+  {
+    return (info_.flags & wire::TF_CAN_MULTI_CONN) || upstreams_.size() == 1;
+  }
+
+  void pread(nbdkit::op op, void *buf, uint32_t count, uint64_t offset,
+             uint32_t /*flags*/)
+  {
+    auto r = make(std::move(op), wire::CMD_READ, count, offset, 0);
+    r->read_buf = buf;
+    forward(std::move(r));
+  }
+
+  void pwrite(nbdkit::op op, const void *buf, uint32_t count, uint64_t offset,
+              uint32_t flags)
+  {
+    auto r = make(std::move(op), wire::CMD_WRITE, count, offset, fua(flags));
+    r->write_buf = buf;
+    forward(std::move(r));
+  }
+
+  void zero(nbdkit::op op, uint32_t count, uint64_t offset, uint32_t flags)
+  {
+    uint16_t f = fua(flags);
+    if (!(flags & NBDKIT_FLAG_MAY_TRIM))
+      f |= wire::CMD_FLAG_NO_HOLE;
+    forward(make(std::move(op), wire::CMD_WRITE_ZEROES, count, offset, f));
+  }
+
+  void trim(nbdkit::op op, uint32_t count, uint64_t offset, uint32_t flags)
+  {
+    forward(make(std::move(op), wire::CMD_TRIM, count, offset, fua(flags)));
+  }
+
+  void flush(nbdkit::op op, uint32_t /*flags*/)
+  {
+    forward(make(std::move(op), wire::CMD_FLUSH, 0, 0, 0));
+  }
+
+  void cache(nbdkit::op op, uint32_t count, uint64_t offset, uint32_t /*flags*/)
+  {
+    forward(make(std::move(op), wire::CMD_CACHE, count, offset, 0));
+  }
+
+  /* No cancel(): NBD cannot take back a request already sent, and the
+   * library keeps a cancelled op's buffer valid until we answer, so a
+   * cancelled op simply finishes. A hung upstream cannot hold up shutdown
+   * past the server's shutdown_grace (see main).
+   */
+
+private:
+  static std::unique_ptr<request> make(nbdkit::op op, uint16_t cmd,
+                                       uint32_t count, uint64_t offset,
+                                       uint16_t flags)
+  {
+    auto r = std::make_unique<request>();
+    r->op = std::move(op);
+    r->cmd = cmd;
+    r->count = count;
+    r->offset = offset;
+    r->flags = flags;
+    return r;
+  }
+
+  static uint16_t fua(uint32_t flags)
+  {
+    return flags & NBDKIT_FLAG_FUA ? wire::CMD_FLAG_FUA : 0;
+  }
+
+  /* Round robin over the connections that are up. None up: fail now
+   * rather than keep the client waiting; they reconnect on their own.
+   */
+  void forward(std::unique_ptr<request> r)
+  {
+    for (std::size_t i = 0; i < upstreams_.size(); i++) {
+      upstream &u = *upstreams_[next_++ % upstreams_.size()];
+      if (u.ready())
+        return u.submit(std::move(r));
+    }
+    r->op.reply_error(EIO);
+  }
+
+  std::vector<upstream::endpoint> resolve()
+  {
+    if (!addr_.socket_path.empty())
+      return { asio::local::stream_protocol::endpoint(addr_.socket_path) };
+    /* Once, at start-up, before serving: the one blocking lookup. */
+    asio::ip::tcp::resolver resolver(pool_);
+    std::vector<upstream::endpoint> eps;
+    for (const auto &e : resolver.resolve(addr_.host, addr_.port))
+      eps.emplace_back(e.endpoint());
+    return eps;
+  }
+
+  void add_upstream()
+  {
+    int index = static_cast<int>(upstreams_.size());
+    auto on_status = [this](const export_info *info, const std::string &error) {
+      /* Only the first handshake or failure decides start-up. */
+      std::call_once(startup_once_, [&] {
+        if (info)
+          startup_.set_value(*info);
+        else
+          startup_.set_exception(std::make_exception_ptr(
+            std::runtime_error("cannot use the upstream: " + error)));
+      });
+    };
+    upstreams_.push_back(std::make_unique<upstream>(
+      pool_, index, endpoints_, addr_.export_name, on_status));
+    upstreams_.back()->start();
+  }
+
+  asio::thread_pool pool_;         /* first: joined before the rest goes */
+  upstream_address addr_;
+  std::size_t connections_;
+  std::vector<upstream::endpoint> endpoints_;
+  std::vector<std::unique_ptr<upstream>> upstreams_;
+  std::once_flag startup_once_;
+  std::promise<export_info> startup_;
+  export_info info_;               /* fixed once serving starts */
+  std::size_t next_ = 0;           /* round robin; event loop only */
+};
+
+/* ------------------------------------------------------------------- */
+
+[[noreturn]] static void usage()
+{
+  std::cerr << "usage: asio-gateway [--unix PATH] [--tcp HOST:PORT]"
+               " --upstream URI\n"
+               "                    [--threads N] [--upstream-connections N]\n"
+               "URI: nbd+unix:///EXPORT?socket=PATH"
+               " or nbd://HOST[:PORT]/EXPORT\n";
+  std::exit(EXIT_FAILURE);
+}
+
+int main(int argc, char *argv[])
+{
+  std::string unix_path, tcp, upstream_uri;
+  long threads = 2, connections = 2;
+
+  static const option opts[] = {
+    { "unix", required_argument, nullptr, 'u' },
+    { "tcp", required_argument, nullptr, 't' },
+    { "upstream", required_argument, nullptr, 'U' },
+    { "threads", required_argument, nullptr, 'T' },
+    { "upstream-connections", required_argument, nullptr, 'c' },
+    { nullptr, 0, nullptr, 0 },
+  };
+  for (int c; (c = getopt_long(argc, argv, "", opts, nullptr)) != -1;) {
+    switch (c) {
+    case 'u': unix_path = optarg; break;
+    case 't': tcp = optarg; break;
+    case 'U': upstream_uri = optarg; break;
+    case 'T': threads = std::atol(optarg); break;
+    case 'c': connections = std::atol(optarg); break;
+    default: usage();
+    }
+  }
+  if (optind != argc || upstream_uri.empty() || threads < 1 ||
+      connections < 1 || connections > 64)
+    usage();
+  if (unix_path.empty() && tcp.empty())
+    tcp = "127.0.0.1:10809";
+
+  try {
+    gateway gw(parse_uri(upstream_uri), static_cast<unsigned>(threads),
+               static_cast<unsigned>(connections));
+    gw.start();
+
+    nbdkit::server srv(gw, "asio-gateway");
+    srv.export_description("NBD gateway to " + upstream_uri);
+    /* An upstream that stops answering must not stall our shutdown. */
+    srv.shutdown_grace(5s);
+
+    /* Before the URI is printed: whoever reads it may signal us at once. */
+    asio::signal_set signals(gw.pool(), SIGINT, SIGTERM);
+    signals.async_wait([&srv](error_code ec, int) {
+      if (!ec)
+        srv.shutdown();
+    });
+
+    if (!unix_path.empty()) {
+      srv.listen_unix(unix_path);
+      std::cout << "nbd+unix:///?socket=" << unix_path << std::endl;
+    }
+    if (!tcp.empty()) {
+      auto colon = tcp.rfind(':');
+      if (colon == std::string::npos)
+        usage();
+      std::string host = tcp.substr(0, colon);
+      auto port = srv.listen_tcp(host, static_cast<uint16_t>(
+                                   std::atoi(tcp.c_str() + colon + 1)));
+      std::cout << "nbd://" << host << ":" << port << "/" << std::endl;
+    }
+
+    int rc = EXIT_SUCCESS;
+    try {
+      srv.main_loop();
+    }
+    catch (const std::exception &e) {
+      warn(e.what());
+      rc = EXIT_FAILURE;
+    }
+    /* Stop all asio work before srv goes: it frees ops we may hold. */
+    signals.cancel();
+    gw.stop();
+    return rc;
+  }
+  catch (const std::exception &e) {
+    warn(e.what());
+    return EXIT_FAILURE;
+  }
+}
