@@ -1,0 +1,1346 @@
+#!/usr/bin/python3
+"""Side-by-side NBD server benchmark: build/memdisk against nbdkit and qemu-nbd.
+
+Every point starts a fresh server on a private Unix socket, drives it with
+fio's nbd engine (one connection, or N for the multi-connection run),
+measures the server from /proc while fio runs, and always stops it.
+
+    /usr/bin/python3 bench/run.py                       # the full matrix
+    /usr/bin/python3 bench/run.py --quick               # a few minutes
+    /usr/bin/python3 bench/run.py --latencies 0,10 --depths 1,64 \\
+        --servers memdisk,nbdkit-t16 --workloads randread --runtime 3
+
+Output (bench/results/ unless --out): bench-<timestamp>.{md,json,svg} and
+latest.{md,json,svg}.  See bench/README.md for how to read them.
+
+Standard library only.
+"""
+
+import argparse
+import ctypes
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MEMDISK = ROOT / "build" / "memdisk"
+DEFAULT_OUT = ROOT / "bench" / "results"
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+ALL_SERVERS = ["memdisk", "nbdkit-t16", "nbdkit-tqd", "qemu-nbd"]
+ALL_WORKLOADS = ["randread", "randwrite", "seqread", "multiconn"]
+DEFAULT_LATENCIES = [0, 10, 50]
+DEFAULT_DEPTHS = [1, 64, 256, 1024, 4096]
+
+# workload -> (fio rw, block size, label)
+WORKLOADS = {
+    "randread": ("randread", "4k", "4 KiB random reads"),
+    "randwrite": ("randwrite", "4k", "4 KiB random writes"),
+    "seqread": ("read", "1M", "1 MiB sequential reads"),
+    "multiconn": ("randread", "4k", "4 KiB random reads, multi-connection"),
+}
+
+START_TIMEOUT = 20.0    # until the server accepts connections
+STOP_TIMEOUT = 20.0     # SIGTERM -> exit (nbdkit with 4096 threads is slow)
+SAMPLE_INTERVAL = 0.1   # /proc sampling period
+MIN_TICKS = 20          # server CPU below this many clock ticks is coarse
+
+
+class BenchError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# /proc helpers
+
+
+def proc_cpu_seconds(pid):
+    """utime + stime of the whole process (exited threads included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    fields = data[data.rindex(")") + 2:].split()
+    # fields[0] is field 3 (state); utime is field 14, stime field 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_status(pid):
+    """Threads, VmRSS and VmHWM (KiB) from /proc/PID/status."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, val = line.partition(":")
+            if key in ("Threads", "VmRSS", "VmHWM"):
+                out[key] = int(val.split()[0])
+    return out
+
+
+def machine_cpu():
+    """Busy CPU seconds of the whole machine (all cores) from /proc/stat,
+    steal included: user nice system idle iowait irq softirq steal."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(v) - v[3] - v[4]) / CLK_TCK
+
+
+class Sampler(threading.Thread):
+    """Samples Threads: and VmRSS: of one process every SAMPLE_INTERVAL."""
+
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.stop_event = threading.Event()
+        self.max_threads = 0
+        self.max_rss_kib = 0
+        self.samples = 0
+
+    def sample(self):
+        try:
+            st = proc_status(self.pid)
+        except (OSError, ValueError):
+            return
+        self.samples += 1
+        self.max_threads = max(self.max_threads, st.get("Threads", 0))
+        self.max_rss_kib = max(self.max_rss_kib, st.get("VmRSS", 0))
+
+    def run(self):
+        while not self.stop_event.is_set():
+            self.sample()
+            self.stop_event.wait(SAMPLE_INTERVAL)
+
+    def stop(self):
+        self.stop_event.set()
+        self.join(timeout=5)
+        self.sample()
+
+
+def _die_with_parent():
+    """preexec_fn: SIGTERM the child if this script dies (even by SIGKILL),
+    so no server outlives the benchmark.  Only used while no other thread
+    of ours is running."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)   # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+# ---------------------------------------------------------------------------
+# Servers
+
+
+class Server:
+    """One server process on a private Unix socket."""
+
+    def __init__(self, kind, latency_ms, depth, args):
+        self.kind = kind
+        self.latency_ms = latency_ms
+        self.depth = depth          # per-connection queue depth of the point
+        self.args = args
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="nbdbench-"))
+        self.sock = self.tmpdir / "nbd.sock"
+        self.proc = None
+        self.argv = None
+        self.returncode = None
+        self.threads_opt = None     # nbdkit -t value
+        self.image = None           # qemu-nbd backing file
+        self.image_dir = None
+
+    @property
+    def uri(self):
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def build_argv(self):
+        size = self.args.size
+        L = self.latency_ms
+        if self.kind == "memdisk":
+            return [str(MEMDISK), "--unix", str(self.sock), "--size", size,
+                    "--latency-ms", str(L),
+                    "--workers", str(self.args.memdisk_workers)]
+        if self.kind in ("nbdkit-t16", "nbdkit-tqd"):
+            t = 16 if self.kind == "nbdkit-t16" else nbdkit_threads(
+                self.depth, self.args)
+            self.threads_opt = t
+            argv = ["nbdkit", "-U", str(self.sock), "-f", "--exit-with-parent",
+                    "-t", str(t)]
+            if L > 0:
+                argv += ["--filter=delay"]
+            argv += ["memory", f"size={size}"]
+            if L > 0:
+                argv += [f"delay-read={L}ms", f"delay-write={L}ms"]
+            return argv
+        if self.kind == "qemu-nbd":
+            # A sparse raw file on tmpfs when there is one: the closest thing
+            # to the in-memory disks the other servers serve.
+            base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            self.image_dir = Path(tempfile.mkdtemp(prefix="nbdbench-img-",
+                                                   dir=base))
+            self.image = self.image_dir / "disk.raw"
+            with open(self.image, "wb") as f:
+                f.truncate(parse_size(size))
+            return ["qemu-nbd", "-k", str(self.sock), "-f", "raw", "-x", "",
+                    "--persistent", "--shared", str(self.args.jobs + 4),
+                    "--cache=writeback", "--aio=threads", str(self.image)]
+        raise BenchError(f"unknown server {self.kind}")
+
+    def start(self):
+        self.argv = self.build_argv()
+        self.stdout_path = self.tmpdir / "server.stdout"
+        self.stderr_path = self.tmpdir / "server.stderr"
+        with open(self.stdout_path, "wb") as out, \
+                open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                preexec_fn=_die_with_parent, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchError(
+                    f"{self.kind} exited with code {self.proc.returncode} "
+                    f"at start-up: {self.stderr_tail()}")
+            if self.ready():
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.kind} not ready after "
+                                 f"{START_TIMEOUT:.0f} s: {self.stderr_tail()}")
+            time.sleep(0.01)
+
+    def ready(self):
+        if self.kind == "memdisk":
+            # memdisk prints its URI once it listens.
+            return self.stdout_path.read_bytes().endswith(b"\n")
+        if not self.sock.exists():
+            return False
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(1.0)
+            s.connect(str(self.sock))
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    def stderr_tail(self, n=1500):
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return text[-n:].strip()
+
+    def stop(self):
+        """Always called.  SIGTERM, then SIGKILL after STOP_TIMEOUT."""
+        try:
+            if self.proc is not None:
+                if self.proc.poll() is None:
+                    self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=10)
+                    self.returncode = "killed"
+                else:
+                    self.returncode = self.proc.returncode
+        finally:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            if self.image_dir is not None:
+                shutil.rmtree(self.image_dir, ignore_errors=True)
+
+
+def nbdkit_threads(depth, args):
+    return max(1, min(depth, args.nbdkit_max_threads))
+
+
+def server_label(kind, depth, args):
+    if kind == "nbdkit-t16":
+        return "nbdkit -t16"
+    if kind == "nbdkit-tqd":
+        return f"nbdkit -t{nbdkit_threads(depth, args)}"
+    return kind
+
+
+def parse_size(s):
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    s = s.strip()
+    if s and s[-1].upper() in mult:
+        return int(s[:-1]) * mult[s[-1].upper()]
+    return int(s)
+
+
+# ---------------------------------------------------------------------------
+# One point
+
+
+def fio_argv(server, rw, bs, depth, jobs, size, runtime, json_path):
+    argv = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={server.uri}",
+            f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}",
+            f"--numjobs={jobs}", "--group_reporting", f"--size={size}",
+            "--norandommap", "--randrepeat=0", "--lat_percentiles=1",
+            "--output-format=json", f"--output={json_path}"]
+    if runtime is not None:
+        argv += ["--time_based", f"--runtime={runtime}"]
+    return argv
+
+
+def run_fio(argv, json_path, timeout):
+    """Runs fio to completion; returns (fio json, client CPU s, wall s).
+    Client CPU is fio's wait4() rusage: fio plus its job processes."""
+    log_path = json_path.with_suffix(".log")
+    t0 = time.monotonic()
+    with open(log_path, "wb") as log:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    status = None
+    rusage = None
+    try:
+        while True:
+            pid, status, rusage = os.wait4(p.pid, os.WNOHANG)
+            if pid == p.pid:
+                break
+            rusage = None
+            if time.monotonic() - t0 > timeout:
+                raise BenchError(f"fio did not finish within {timeout:.0f} s")
+            time.sleep(0.02)
+    finally:
+        if rusage is None:      # timed out or interrupted: stop fio's group
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                time.sleep(1)
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(p.pid, 0)
+            except ChildProcessError:
+                pass
+        p.returncode = -1       # reaped by hand; keep Popen from waiting
+    wall = time.monotonic() - t0
+    rc = os.waitstatus_to_exitcode(status)
+    log_text = log_path.read_text(errors="replace")
+    if rc != 0:
+        raise BenchError(f"fio exited {rc}: {log_text[-1500:].strip()}")
+    try:
+        data = json.loads(json_path.read_text())
+    except (OSError, ValueError) as e:
+        raise BenchError(f"fio wrote no JSON ({e}): {log_text[-1500:]}")
+    return data, rusage.ru_utime + rusage.ru_stime, wall
+
+
+def prefill(server, args):
+    """Writes the whole disk once (1 MiB sequential writes) so that every
+    server holds real data: qemu-nbd would otherwise answer reads of holes
+    with NBD_REPLY_TYPE_OFFSET_HOLE and send no payload at all."""
+    argv = fio_argv(server, "write", "1M", 32, 1, args.size, None,
+                    server.tmpdir / "prefill.json")
+    mib = parse_size(args.size) / (1 << 20)
+    timeout = 60 + mib / 32 * max(server.latency_ms, 1) / 1000 * 4
+    _, _, wall = run_fio(argv, server.tmpdir / "prefill.json", timeout)
+    return wall
+
+
+def run_point(kind, workload, latency_ms, depth, args):
+    jobs = args.jobs if workload == "multiconn" else 1
+    row = {
+        "workload": workload, "latency_ms": latency_ms, "depth": depth,
+        "jobs": jobs, "total_depth": depth * jobs, "server": kind,
+        "label": server_label(kind, depth, args), "bs": WORKLOADS[workload][1],
+    }
+    server = Server(kind, latency_ms, depth, args)
+    sampler = None
+    try:
+        server.start()
+        row["argv"] = server.argv
+        if server.threads_opt is not None:
+            row["nbdkit_threads"] = server.threads_opt
+        pid = server.proc.pid
+        idle_threads = proc_status(pid).get("Threads", 1)
+        if args.prefill:
+            row["prefill_s"] = prefill(server, args)
+            # nbdkit tears the prefill connection's -t threads down after
+            # fio has gone: wait for that, or their stacks would count as
+            # the baseline of the RSS growth.
+            deadline = time.monotonic() + 15
+            while (proc_status(pid).get("Threads", 0) > idle_threads
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
+        rss_base_kib = proc_status(pid).get("VmRSS", 0)
+        row["threads_idle"] = proc_status(pid).get("Threads", 0)
+        rw, bs, _ = WORKLOADS[workload]
+        json_path = server.tmpdir / "fio.json"
+        argv = fio_argv(server, rw, bs, depth, jobs, args.size, args.runtime,
+                        json_path)
+        row["fio_argv"] = argv
+        timeout = (args.runtime + 60 +
+                   depth * jobs * max(latency_ms, 1) / 1000)
+        sampler = Sampler(pid)
+        sampler.start()
+        cpu0 = proc_cpu_seconds(pid)
+        sys0 = machine_cpu()
+        fio_json, client_cpu, wall = run_fio(argv, json_path, timeout)
+        cpu1 = proc_cpu_seconds(pid)
+        sys1 = machine_cpu()
+        hwm_kib = proc_status(pid).get("VmHWM", 0)
+        sampler.stop()
+        if server.proc.poll() is not None:
+            raise BenchError(f"{kind} died during the run (code "
+                             f"{server.proc.returncode}): "
+                             f"{server.stderr_tail()}")
+        job = fio_json["jobs"][0]
+        if job.get("error"):
+            raise BenchError(f"fio job error {job['error']}")
+        ddir = "write" if WORKLOADS[workload][0].endswith("write") else "read"
+        d = job[ddir]
+        ios = job["read"]["total_ios"] + job["write"]["total_ios"]
+        if ios <= 0:
+            raise BenchError("fio completed no I/O")
+        runtime_s = d["runtime"] / 1000 / jobs if d["runtime"] else wall
+        lat = d["lat_ns"]
+        pct = lat.get("percentile") or d.get("clat_ns", {}).get("percentile", {})
+        p99 = pct.get("99.000000")
+        row.update({
+            "iops": d["iops"],
+            "mib_s": d["bw_bytes"] / (1 << 20),
+            "ios": ios,
+            "fio_runtime_s": runtime_s,
+            "lat_mean_ms": lat["mean"] / 1e6,
+            "lat_p99_ms": p99 / 1e6 if p99 is not None else None,
+            "lat_max_ms": lat["max"] / 1e6,
+            "in_flight": d["iops"] * lat["mean"] / 1e9,
+            "server_cpu_s": cpu1 - cpu0,
+            "server_cpu_ticks": round((cpu1 - cpu0) * CLK_TCK),
+            "server_cpu_us_per_io": (cpu1 - cpu0) / ios * 1e6,
+            "server_cpu_pct": (cpu1 - cpu0) / wall * 100,
+            "threads_peak": sampler.max_threads,
+            "rss_base_mib": rss_base_kib / 1024,
+            "rss_peak_mib": sampler.max_rss_kib / 1024,
+            "rss_growth_mib": max(0, sampler.max_rss_kib - rss_base_kib) / 1024,
+            # memdisk and nbdkit memory hold the prefilled disk in their own
+            # memory, qemu-nbd in the page cache of its file.
+            "rss_data_mib": (parse_size(args.size) / (1 << 20)
+                             if args.prefill and kind != "qemu-nbd" else 0),
+            "hwm_mib": hwm_kib / 1024,
+            "samples": sampler.samples,
+            "client_cpu_s": client_cpu,
+            "client_cpu_us_per_io": client_cpu / ios * 1e6,
+            "client_cpu_pct": client_cpu / wall * 100,
+            # Everything else the machine ran meanwhile (other users,
+            # steal): the noise indicator of the point.
+            "others_cpu_pct": max(0.0, (sys1 - sys0) - (cpu1 - cpu0) -
+                                  client_cpu) / wall * 100,
+            "fio_usr_cpu_pct": job.get("usr_cpu"),
+            "fio_sys_cpu_pct": job.get("sys_cpu"),
+            "fio_iodepth_level": job.get("iodepth_level"),
+            "fio_wall_s": wall,
+        })
+        row["rss_overhead_mib"] = max(0.0, row["rss_peak_mib"] -
+                                      row["rss_data_mib"])
+        if latency_ms > 0:
+            bound = depth * jobs / (latency_ms / 1000)
+            row["little_bound_iops"] = bound
+            row["pct_of_bound"] = d["iops"] / bound * 100
+    except BenchError as e:
+        row["error"] = str(e)
+    finally:
+        if sampler is not None and sampler.is_alive():
+            sampler.stop()
+        server.stop()
+        row["server_exit"] = server.returncode
+    if "error" not in row and kind == "memdisk" and server.returncode != 0:
+        row["error"] = f"memdisk exited with {server.returncode}, not 0"
+    return row
+
+
+def run_repeated(kind, workload, latency_ms, depth, args):
+    runs = [run_point(kind, workload, latency_ms, depth, args)
+            for _ in range(max(1, args.repeat))]
+    good = sorted((r for r in runs if "error" not in r),
+                  key=lambda r: r["iops"])
+    if not good:
+        return runs[0]
+    row = good[(len(good) - 1) // 2]
+    if len(runs) > 1:
+        row["iops_all"] = [r.get("iops") for r in runs]
+        row["failed_repeats"] = len(runs) - len(good)
+    return row
+
+
+# ---------------------------------------------------------------------------
+# The matrix
+
+
+def skip_reason(kind, workload, latency_ms, depth, args):
+    if kind == "qemu-nbd" and latency_ms > 0:
+        return "qemu-nbd has no latency injection"
+    if kind == "nbdkit-tqd" and depth <= 16:
+        return "nbdkit -tQD with QD <= 16 is covered by nbdkit -t16"
+    if workload == "seqread" and depth > args.seq_max_depth:
+        return (f"1 MiB reads at QD > {args.seq_max_depth} pin "
+                f"QD MiB of buffers in client and server")
+    return None
+
+
+def plan(args):
+    points, skipped = [], []
+    for L in args.latencies:
+        for w in args.workloads:
+            depths = [args.multiconn_depth] if w == "multiconn" else args.depths
+            for qd in depths:
+                for kind in args.servers:
+                    why = skip_reason(kind, w, L, qd, args)
+                    if why:
+                        skipped.append((w, L, qd, kind, why))
+                    else:
+                        points.append((kind, w, L, qd))
+    return points, skipped
+
+
+# ---------------------------------------------------------------------------
+# Environment
+
+
+def tool_version(argv):
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        out = (p.stdout or p.stderr).strip().splitlines()
+        return out[0] if out else "?"
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+
+
+def environment(args):
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    try:
+        rev = subprocess.run(["git", "-C", str(ROOT), "describe", "--always",
+                              "--dirty"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        rev = "?"
+    try:
+        mtime = datetime.datetime.fromtimestamp(MEMDISK.stat().st_mtime)
+        memdisk_built = mtime.isoformat(timespec="seconds")
+    except OSError:
+        memdisk_built = "missing"
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    mem_total = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem_total = int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cores": cores,
+        "cpus_online": os.cpu_count(),
+        "mem_total_mib": mem_total,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "fio": tool_version(["fio", "--version"]),
+        "nbdkit": tool_version(["nbdkit", "--version"]),
+        "qemu_nbd": tool_version(["qemu-nbd", "--version"]),
+        "memdisk_git": rev,
+        "memdisk_built": memdisk_built,
+        "loadavg_start": load,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+
+
+def fmt(v, digits=None, pct=False):
+    if v is None:
+        return "–"
+    if isinstance(v, str):
+        return v
+    if pct:
+        return f"{v:.1f} %"
+    if digits is not None:
+        return f"{v:.{digits}f}"
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+SERVER_ORDER = {k: i for i, k in enumerate(ALL_SERVERS)}
+
+
+def sort_key(r):
+    return (ALL_WORKLOADS.index(r["workload"]), r["latency_ms"], r["depth"],
+            SERVER_ORDER[r["server"]])
+
+
+def results_tables(rows):
+    out = []
+    for w in ALL_WORKLOADS:
+        wr = sorted([r for r in rows if r["workload"] == w], key=sort_key)
+        if not wr:
+            continue
+        title = WORKLOADS[w][2]
+        if w == "multiconn":
+            title += f" ({wr[0]['jobs']} connections × QD {wr[0]['depth']})"
+        else:
+            title += ", one connection"
+        out.append(f"### {title}\n")
+        head = ["lat ms", "QD", "server", "IOPS", "MiB/s", "mean lat ms",
+                "p99 lat ms", "Little bound", "% of bound", "in flight",
+                "srv CPU µs/IO", "srv CPU %", "srv threads", "srv RSS MiB",
+                "RSS − data MiB", "RSS growth MiB", "srv HWM MiB",
+                "fio CPU µs/IO", "fio CPU %",
+                "others CPU %"]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "|".join(["---:", "---:", ":---"] +
+                                  ["---:"] * (len(head) - 3)) + "|")
+        for r in wr:
+            qd = (f"{r['jobs']}×{r['depth']}" if r["jobs"] > 1
+                  else str(r["depth"]))
+            cells = [str(r["latency_ms"]), qd, r["label"]]
+            if "error" in r:
+                cells.append("FAILED: " + r["error"].replace("|", "/")
+                             .replace("\n", " ")[:200])
+                cells += [""] * (len(head) - len(cells))
+            else:
+                cells += [
+                    fmt(r["iops"]),
+                    fmt(r["mib_s"]),
+                    fmt(r["lat_mean_ms"]), fmt(r["lat_p99_ms"]),
+                    fmt(r.get("little_bound_iops")),
+                    fmt(r.get("pct_of_bound"), pct=True)
+                    if r.get("pct_of_bound") is not None else "–",
+                    fmt(r["in_flight"]),
+                    ("≈" if coarse(r) else "") +
+                    fmt(r["server_cpu_us_per_io"]),
+                    fmt(r["server_cpu_pct"], 0),
+                    str(r["threads_peak"]),
+                    fmt(r["rss_peak_mib"], 1), fmt(r["rss_overhead_mib"], 1),
+                    fmt(r["rss_growth_mib"], 1),
+                    fmt(r["hwm_mib"], 1),
+                    fmt(r["client_cpu_us_per_io"]),
+                    fmt(r["client_cpu_pct"], 0),
+                    fmt(r.get("others_cpu_pct"), 0),
+                ]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def coarse(r):
+    """Server CPU of fewer than MIN_TICKS clock ticks: ±1 tick matters."""
+    return r.get("server_cpu_ticks", MIN_TICKS) < MIN_TICKS
+
+
+def find(rows, workload, latency, depth, server):
+    for r in rows:
+        if (r["workload"] == workload and r["latency_ms"] == latency
+                and r["depth"] == depth and r["server"] == server
+                and "error" not in r):
+            return r
+    return None
+
+
+def verdict(ok):
+    return "PASS" if ok else "MISS"
+
+
+def targets(rows):
+    """The ratios issue 5 names.  Returns a list of (name, text) lines."""
+    lines = []
+    nm = "not measured"
+
+    # (a) 50 ms, QD 1024: our IOPS / Little bound >= 97 %, threads <= 4.
+    r = find(rows, "randread", 50, 1024, "memdisk")
+    if r:
+        pct = r["pct_of_bound"]
+        lines.append(
+            f"(a) 50 ms, QD 1024, 4 KiB random reads: memdisk "
+            f"{r['iops']:,.0f} IOPS = {pct:.1f} % of the Little bound "
+            f"{r['little_bound_iops']:,.0f} (target ≥ 97 %): "
+            f"**{verdict(pct >= 97)}**; peak server threads "
+            f"{r['threads_peak']} (target ≤ 4): "
+            f"**{verdict(r['threads_peak'] <= 4)}**")
+    else:
+        lines.append(f"(a) 50 ms, QD 1024, random reads, % of Little bound "
+                     f"and threads: {nm}")
+
+    # (b) 10 ms, QD 4096: our IOPS / nbdkit -t4096 >= 3x, RSS <= 1/3.
+    r = find(rows, "randread", 10, 4096, "memdisk")
+    n = find(rows, "randread", 10, 4096, "nbdkit-tqd")
+    if r and n:
+        ratio = r["iops"] / n["iops"]
+        o = (r["rss_overhead_mib"] / n["rss_overhead_mib"]
+             if n["rss_overhead_mib"] else float("inf"))
+        g = (f"{r['rss_growth_mib'] / n['rss_growth_mib']:.2f}"
+             if n["rss_growth_mib"] else "–")
+        lines.append(
+            f"(b) 10 ms, QD 4096, 4 KiB random reads: memdisk "
+            f"{r['iops']:,.0f} IOPS / {n['label']} {n['iops']:,.0f} IOPS = "
+            f"{ratio:.2f}× (target ≥ 3×): **{verdict(ratio >= 3)}**; peak "
+            f"RSS beyond the disk's data {r['rss_overhead_mib']:.1f} / "
+            f"{n['rss_overhead_mib']:.1f} MiB = {o:.2f} (target ≤ 0.33): "
+            f"**{verdict(o <= 1 / 3)}** (growth during the run "
+            f"{r['rss_growth_mib']:.1f} / {n['rss_growth_mib']:.1f} MiB = "
+            f"{g}; total peak RSS {r['rss_peak_mib']:.1f} / "
+            f"{n['rss_peak_mib']:.1f} MiB)")
+    else:
+        lines.append(f"(b) 10 ms, QD 4096, IOPS and RSS vs nbdkit -t4096: {nm}")
+
+    # (c) server CPU per IO.
+    r = find(rows, "randread", 10, 1024, "memdisk")
+    n = find(rows, "randread", 10, 1024, "nbdkit-tqd")
+    if r and n:
+        ratio = r["server_cpu_us_per_io"] / n["server_cpu_us_per_io"]
+        lines.append(
+            f"(c1) server CPU per IO with latency (10 ms, QD 1024, random "
+            f"reads): memdisk {r['server_cpu_us_per_io']:.1f} µs / "
+            f"{n['label']} {n['server_cpu_us_per_io']:.1f} µs = {ratio:.2f} "
+            f"(target ≤ 0.20): **{verdict(ratio <= 0.2)}**")
+    else:
+        lines.append(f"(c1) server CPU per IO vs nbdkit with the delay filter "
+                     f"(10 ms, QD 1024): {nm}")
+    # Every matched point with latency, for context.
+    ratios = []
+    for r in rows:
+        if (r["server"] == "memdisk" and r["latency_ms"] > 0
+                and "error" not in r):
+            for other in ("nbdkit-t16", "nbdkit-tqd"):
+                n = find(rows, r["workload"], r["latency_ms"], r["depth"],
+                         other)
+                if (n and n["server_cpu_us_per_io"] > 0
+                        and not coarse(r) and not coarse(n)):
+                    ratios.append((r["server_cpu_us_per_io"] /
+                                   n["server_cpu_us_per_io"], r, n))
+    if ratios:
+        vals = sorted(x[0] for x in ratios)
+        worst = max(ratios, key=lambda x: x[0])
+        lines.append(
+            f"(c1′) all {len(vals)} matched points with latency (any "
+            f"workload, either nbdkit, ≥ {MIN_TICKS} CPU ticks on both "
+            f"sides): memdisk/nbdkit CPU per IO median "
+            f"{statistics.median(vals):.2f}, worst {worst[0]:.2f} "
+            f"({worst[1]['workload']} {worst[1]['latency_ms']} ms QD "
+            f"{worst[1]['depth']} vs {worst[2]['label']}); "
+            f"{sum(v <= 0.2 for v in vals)}/{len(vals)} within 0.20")
+    r = find(rows, "randread", 0, 64, "memdisk")
+    n = find(rows, "randread", 0, 64, "nbdkit-t16")
+    if r and n:
+        ratio = r["server_cpu_us_per_io"] / n["server_cpu_us_per_io"]
+        lines.append(
+            f"(c2) server CPU per IO without latency (0 ms, QD 64, random "
+            f"reads): memdisk {r['server_cpu_us_per_io']:.1f} µs / nbdkit "
+            f"memory -t16 {n['server_cpu_us_per_io']:.1f} µs = {ratio:.2f} "
+            f"(target ≤ 0.50): **{verdict(ratio <= 0.5)}**")
+    else:
+        lines.append(f"(c2) server CPU per IO vs nbdkit memory at 0 ms "
+                     f"(QD 64): {nm}")
+
+    # (d) 1 MiB sequential reads at 0 ms: best vs best.
+    ours = [r for r in rows if r["workload"] == "seqread"
+            and r["latency_ms"] == 0 and r["server"] == "memdisk"
+            and "error" not in r]
+    theirs = [r for r in rows if r["workload"] == "seqread"
+              and r["latency_ms"] == 0
+              and r["server"] in ("nbdkit-t16", "nbdkit-tqd")
+              and "error" not in r]
+    if ours and theirs:
+        bo = max(ours, key=lambda r: r["mib_s"])
+        bt = max(theirs, key=lambda r: r["mib_s"])
+        ratio = bo["mib_s"] / bt["mib_s"]
+        per = []
+        for r in sorted(ours, key=lambda r: r["depth"]):
+            n = find(rows, "seqread", 0, r["depth"], "nbdkit-t16")
+            if n:
+                per.append(f"QD {r['depth']}: {r['mib_s'] / n['mib_s']:.2f}×")
+        lines.append(
+            f"(d) 1 MiB sequential reads, 0 ms, best over queue depths: "
+            f"memdisk {bo['mib_s']:,.0f} MiB/s (QD {bo['depth']}) / "
+            f"nbdkit memory {bt['mib_s']:,.0f} MiB/s ({bt['label']}, QD "
+            f"{bt['depth']}) = {ratio:.2f}× (target ≥ 1.2×): "
+            f"**{verdict(ratio >= 1.2)}**"
+            + (f"; per QD vs nbdkit -t16: {', '.join(per)}" if per else ""))
+    else:
+        lines.append(f"(d) 1 MiB sequential reads vs nbdkit memory at 0 ms: "
+                     f"{nm}")
+    return lines
+
+
+def observations(rows):
+    """Automatic notes: client-bound points, failures, odd exits."""
+    notes = []
+    cb = [r for r in rows if "error" not in r and r["client_cpu_pct"] >= 85]
+    if cb:
+        pts = ", ".join(f"{r['workload']} {r['latency_ms']} ms QD "
+                        f"{r['total_depth']} {r['label']} "
+                        f"({r['client_cpu_pct']:.0f} %)" for r in
+                        sorted(cb, key=sort_key))
+        notes.append(f"fio used ≥ 85 % of a core (client-bound, the server "
+                     f"may be capable of more): {pts}")
+    slow = [r for r in rows if "error" not in r and r["latency_ms"] > 0
+            and r["server"] == "memdisk" and r["pct_of_bound"] < 90]
+    if slow:
+        pts = ", ".join(f"{r['workload']} {r['latency_ms']} ms QD "
+                        f"{r['total_depth']}: {r['pct_of_bound']:.0f} % "
+                        f"(mean lat {r['lat_mean_ms']:.1f} ms, srv CPU "
+                        f"{r['server_cpu_pct']:.0f} %, fio CPU "
+                        f"{r['client_cpu_pct']:.0f} %)"
+                        for r in sorted(slow, key=sort_key))
+        notes.append("memdisk below 90 % of the Little bound (requests "
+                     "waited beyond the injected latency somewhere: in the "
+                     "server, in fio, or for a CPU): " + pts)
+    short = [r for r in rows if "error" not in r and
+             r["in_flight"] < 0.9 * r["total_depth"]]
+    if short:
+        pts = ", ".join(f"{r['workload']} {r['latency_ms']} ms QD "
+                        f"{r['total_depth']} {r['label']} "
+                        f"({r['in_flight']:.0f})"
+                        for r in sorted(short, key=sort_key))
+        notes.append("fio kept fewer than 90 % of the queue depth in flight "
+                     "on average (IOPS × mean latency): " + pts)
+    noisy = [r for r in rows if "error" not in r
+             and r.get("others_cpu_pct", 0) >= 25]
+    if noisy:
+        pts = ", ".join(f"{r['workload']} {r['latency_ms']} ms QD "
+                        f"{r['total_depth']} {r['label']} "
+                        f"({r['others_cpu_pct']:.0f} %)"
+                        for r in sorted(noisy, key=sort_key))
+        notes.append(f"noisy points: other processes used ≥ 25 % of a core "
+                     f"meanwhile ({len(noisy)} of {len(rows)}): {pts}")
+    bad = [r for r in rows if r.get("server_exit") not in (0, None)
+           and r["server"] == "memdisk"]
+    for r in bad:
+        notes.append(f"memdisk exit code {r['server_exit']} after "
+                     f"{r['workload']} {r['latency_ms']} ms QD {r['depth']}")
+    failed = [r for r in rows if "error" in r]
+    for r in failed:
+        notes.append(f"FAILED {r['workload']} {r['latency_ms']} ms QD "
+                     f"{r['depth']} {r['label']}: {r['error'][:300]}")
+    return notes
+
+
+def header_md(blob):
+    env, o = blob["environment"], blob["options"]
+    prefill = ("written in full (1 MiB writes) by fio before each point, a "
+               "fresh server per point" if o.get("prefill", True)
+               else "NOT prefilled (reads hit holes)")
+    return f"""# NBD server benchmark: memdisk vs nbdkit vs qemu-nbd
+
+Run {blob['stamp']} ({blob['started']}), {blob['elapsed_s'] / 60:.1f} min total.
+
+**Absolute numbers vary by machine and by what else runs on it; only the
+ratios between servers within one run count.**
+
+- Machine: {env['cpu_model']}, {env['cores']} cores usable ({env['cpus_online']} online), {env['mem_total_mib']} MiB RAM, Linux {env['kernel']}
+- Load average at start: {env['loadavg_start']}; at end: {env.get('loadavg_end', '?')}
+- Tools: {env['fio']}; {env['nbdkit']}; {env['qemu_nbd']}; Python {env['python']}
+- memdisk: build/memdisk (git {env['memdisk_git']}, built {env['memdisk_built']}), `--workers {o['memdisk_workers']}`
+- Client: fio nbd engine (libnbd), one connection per fio job, {o['runtime']} s per point, time-based, `--norandommap`; disk size {o['size']}, {prefill}
+- Server CPU = utime+stime from /proc/PID/stat over the measured fio run ÷ IOs (≈ marks values from fewer than {MIN_TICKS} clock ticks of {1000 // CLK_TCK} ms: coarse); threads and RSS sampled from /proc/PID/status every {SAMPLE_INTERVAL * 1000:.0f} ms; RSS − data = peak RSS minus the disk data held in the server's memory; RSS growth = peak RSS − RSS after the prefill; HWM = VmHWM at the end (prefill included); fio CPU from wait4() rusage of fio and its job processes; "others CPU" = what the rest of the machine used meanwhile (/proc/stat), the noise indicator
+- Little bound = total queue depth ÷ latency; "in flight" = IOPS × mean latency
+- Command: `{blob['command']}`
+- Points: {len(blob['results'])} run, {len(blob['skipped'])} skipped as meaningless (see the JSON)
+"""
+
+
+# ---------------------------------------------------------------------------
+# SVG plot (hand-made)
+
+COLORS = {"memdisk": "#d62728", "nbdkit-t16": "#1f77b4",
+          "nbdkit-tqd": "#2ca02c", "qemu-nbd": "#9467bd"}
+NAMES = {"memdisk": "memdisk (ours)", "nbdkit-t16": "nbdkit -t16",
+         "nbdkit-tqd": "nbdkit -t QD", "qemu-nbd": "qemu-nbd"}
+
+
+def esc(s):
+    return (str(s).replace("&", "&amp;").replace("<", "&lt;")
+            .replace(">", "&gt;"))
+
+
+def nice_num(v):
+    if v >= 1e6:
+        return f"{v / 1e6:g}M"
+    if v >= 1e3:
+        return f"{v / 1e3:g}k"
+    return f"{v:g}"
+
+
+def nice_step(raw):
+    """1, 2 or 5 times a power of ten, at least raw."""
+    e = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
+    for m in (1, 2, 5, 10):
+        if m * e >= raw:
+            return m * e
+    return 10 * e
+
+
+def svg_plot(rows, title):
+    good = [r for r in rows if "error" not in r]
+    curve_wl = [w for w in ("randread", "randwrite", "seqread")
+                if any(r["workload"] == w for r in good)]
+    lats = sorted({r["latency_ms"] for r in good})
+    has_mc = any(r["workload"] == "multiconn" for r in good)
+    PW, PH = 300, 220          # panel plot area
+    ML, MR, MT, MB = 62, 14, 34, 40
+    CW, CH = PW + ML + MR, PH + MT + MB
+    ncols = max(1, len(lats))
+    nrows = len(curve_wl) + (1 if has_mc else 0)
+    TOP = 56
+    LEG = 30
+    W = ncols * CW + 10
+    H = TOP + nrows * CH + LEG + 10
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+         f'viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="11">',
+         f'<rect width="{W}" height="{H}" fill="white"/>',
+         f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="15" '
+         f'font-weight="bold">{esc(title)}</text>',
+         f'<text x="{W / 2}" y="38" text-anchor="middle" fill="#555">'
+         f'log-log; dashed grey = Little bound (QD ÷ latency); absolute '
+         f'numbers vary by machine, compare within one run</text>']
+    servers = [s for s in ALL_SERVERS if any(r["server"] == s for r in good)]
+
+    def panel(ix, iy):
+        return 5 + ix * CW + ML, TOP + iy * CH + MT
+
+    for iy, w in enumerate(curve_wl):
+        metric = "mib_s" if w == "seqread" else "iops"
+        unit = "MiB/s" if w == "seqread" else "IOPS"
+        for ix, L in enumerate(lats):
+            x0, y0 = panel(ix, iy)
+            pts = [r for r in good if r["workload"] == w
+                   and r["latency_ms"] == L]
+            o.append(f'<text x="{x0 + PW / 2}" y="{y0 - 8}" '
+                     f'text-anchor="middle" font-weight="bold">'
+                     f'{esc(WORKLOADS[w][2])}, {L} ms</text>')
+            o.append(f'<rect x="{x0}" y="{y0}" width="{PW}" height="{PH}" '
+                     f'fill="none" stroke="#999"/>')
+            if not pts:
+                o.append(f'<text x="{x0 + PW / 2}" y="{y0 + PH / 2}" '
+                         f'text-anchor="middle" fill="#999">not run</text>')
+                continue
+            depths = sorted({r["depth"] for r in pts})
+            dmin, dmax = min(depths), max(depths)
+            if dmin == dmax:
+                dmin, dmax = dmin / 2, dmax * 2
+            lx0, lx1 = math.log10(dmin), math.log10(dmax)
+            pad = (lx1 - lx0) * 0.06
+            lx0, lx1 = lx0 - pad, lx1 + pad
+            vals = [r[metric] for r in pts if r[metric] > 0]
+            bounds = []
+            if L > 0:
+                # In MiB/s for 1 MiB reads, the bound has the same number.
+                per_io = (parse_size(WORKLOADS[w][1].upper()) / (1 << 20)
+                          if metric == "mib_s" else 1)
+                bounds = [(d, d / (L / 1000) * per_io) for d in depths]
+                vals += [b for _, b in bounds]
+            ly0 = math.floor(math.log10(max(min(vals), 1e-3)))
+            ly1 = math.ceil(math.log10(max(vals)))
+            if ly1 <= ly0:
+                ly1 = ly0 + 1
+
+            def X(d):
+                return x0 + (math.log10(d) - lx0) / (lx1 - lx0) * PW
+
+            def Y(v):
+                v = max(v, 10 ** ly0)
+                return y0 + PH - (math.log10(v) - ly0) / (ly1 - ly0) * PH
+
+            mults = (1, 2, 5) if ly1 - ly0 <= 2 else (1,)
+            for e in range(ly0, ly1 + 1):
+                for m in mults:
+                    v = m * 10 ** e
+                    if v > 10 ** ly1:
+                        break
+                    yy = Y(v)
+                    o.append(f'<line x1="{x0}" y1="{yy:.1f}" x2="{x0 + PW}" '
+                             f'y2="{yy:.1f}" stroke="'
+                             f'{"#e4e4e4" if m == 1 else "#f3f3f3"}"/>')
+                    o.append(f'<text x="{x0 - 4}" y="{yy + 4:.1f}" '
+                             f'text-anchor="end">{nice_num(v)}</text>')
+            for d in depths:
+                xx = X(d)
+                o.append(f'<line x1="{xx:.1f}" y1="{y0}" x2="{xx:.1f}" '
+                         f'y2="{y0 + PH}" stroke="#eee"/>')
+                o.append(f'<text x="{xx:.1f}" y="{y0 + PH + 14}" '
+                         f'text-anchor="middle">{d}</text>')
+            o.append(f'<text x="{x0 + PW / 2}" y="{y0 + PH + 30}" '
+                     f'text-anchor="middle" fill="#555">queue depth</text>')
+            o.append(f'<text x="{x0 - 48}" y="{y0 + PH / 2}" '
+                     f'text-anchor="middle" fill="#555" transform="rotate(-90 '
+                     f'{x0 - 48} {y0 + PH / 2})">{unit}</text>')
+            if len(bounds) > 1:
+                path = " ".join(f"{X(d):.1f},{Y(b):.1f}" for d, b in bounds)
+                o.append(f'<polyline points="{path}" fill="none" '
+                         f'stroke="#888" stroke-dasharray="5,4"/>')
+            # Ours last, thinnest and on top, so that the others show
+            # around it where they coincide.
+            for s in reversed(servers):
+                sp = sorted([r for r in pts if r["server"] == s],
+                            key=lambda r: r["depth"])
+                if not sp:
+                    continue
+                c = COLORS[s]
+                wdt, rad = (2, 3.5) if s == "memdisk" else (3.5, 4.5)
+                if len(sp) > 1:
+                    path = " ".join(f"{X(r['depth']):.1f},{Y(r[metric]):.1f}"
+                                    for r in sp)
+                    o.append(f'<polyline points="{path}" fill="none" '
+                             f'stroke="{c}" stroke-width="{wdt}" '
+                             f'stroke-opacity="0.85"/>')
+                for r in sp:
+                    o.append(f'<circle cx="{X(r["depth"]):.1f}" '
+                             f'cy="{Y(r[metric]):.1f}" r="{rad}" fill="{c}">'
+                             f'<title>{esc(r["label"])} QD {r["depth"]}: '
+                             f'{r[metric]:,.0f} {unit}</title></circle>')
+
+    if has_mc:
+        iy = len(curve_wl)
+        for ix, L in enumerate(lats):
+            x0, y0 = panel(ix, iy)
+            pts = [r for r in good if r["workload"] == "multiconn"
+                   and r["latency_ms"] == L]
+            pts.sort(key=lambda r: SERVER_ORDER[r["server"]])
+            o.append(f'<text x="{x0 + PW / 2}" y="{y0 - 8}" '
+                     f'text-anchor="middle" font-weight="bold">'
+                     f'multi-connection random reads, {L} ms</text>')
+            o.append(f'<rect x="{x0}" y="{y0}" width="{PW}" height="{PH}" '
+                     f'fill="none" stroke="#999"/>')
+            if not pts:
+                o.append(f'<text x="{x0 + PW / 2}" y="{y0 + PH / 2}" '
+                         f'text-anchor="middle" fill="#999">not run</text>')
+                continue
+            top = max(r["iops"] for r in pts)
+            bound = pts[0].get("little_bound_iops")
+            if bound:
+                top = max(top, bound)
+            step = nice_step(top * 1.1 / 5)
+            top = step * math.ceil(top * 1.1 / step)
+            bw = PW / (len(pts) * 1.5 + 0.5)
+            v = 0
+            while v <= top * 1.0001:
+                yy = y0 + PH - v / top * PH
+                o.append(f'<line x1="{x0}" y1="{yy:.1f}" x2="{x0 + PW}" '
+                         f'y2="{yy:.1f}" stroke="#eee"/>')
+                o.append(f'<text x="{x0 - 4}" y="{yy + 4:.1f}" '
+                         f'text-anchor="end">{nice_num(v)}</text>')
+                v += step
+            for i, r in enumerate(pts):
+                bx = x0 + bw * 0.5 + i * bw * 1.5
+                hh = r["iops"] / top * PH
+                o.append(f'<rect x="{bx:.1f}" y="{y0 + PH - hh:.1f}" '
+                         f'width="{bw:.1f}" height="{hh:.1f}" '
+                         f'fill="{COLORS[r["server"]]}"><title>'
+                         f'{esc(r["label"])}: {r["iops"]:,.0f} IOPS</title>'
+                         f'</rect>')
+                o.append(f'<text x="{bx + bw / 2:.1f}" y="{y0 + PH - hh - 4:.1f}" '
+                         f'text-anchor="middle" font-size="10">'
+                         f'{nice_num(round(r["iops"], -2))}</text>')
+                o.append(f'<text x="{bx + bw / 2:.1f}" y="{y0 + PH + 14}" '
+                         f'text-anchor="middle" font-size="10">'
+                         f'{esc(r["label"])}</text>')
+            if bound:
+                yy = y0 + PH - bound / top * PH
+                o.append(f'<line x1="{x0}" y1="{yy:.1f}" x2="{x0 + PW}" '
+                         f'y2="{yy:.1f}" stroke="#888" '
+                         f'stroke-dasharray="5,4"/>')
+            o.append(f'<text x="{x0 + PW / 2}" y="{y0 + PH + 30}" '
+                     f'text-anchor="middle" fill="#555">'
+                     f'{pts[0]["jobs"]} connections × QD {pts[0]["depth"]}, '
+                     f'IOPS</text>')
+
+    ly = H - LEG + 4
+    lx = 10
+    for s in servers:
+        o.append(f'<rect x="{lx}" y="{ly}" width="14" height="10" '
+                 f'fill="{COLORS[s]}"/>')
+        o.append(f'<text x="{lx + 18}" y="{ly + 9}">{esc(NAMES[s])}</text>')
+        lx += 30 + 7 * len(NAMES[s])
+    o.append(f'<line x1="{lx}" y1="{ly + 5}" x2="{lx + 20}" y2="{ly + 5}" '
+             f'stroke="#888" stroke-dasharray="5,4"/>')
+    o.append(f'<text x="{lx + 24}" y="{ly + 9}">Little bound</text>')
+    o.append("</svg>")
+    return "\n".join(o) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Main
+
+
+def int_list(s):
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {s}")
+
+
+def name_list(allowed):
+    def parse(s):
+        names = [x.strip() for x in s.split(",") if x.strip()]
+        for n in names:
+            if n not in allowed:
+                raise argparse.ArgumentTypeError(
+                    f"unknown {n!r}; choose from {','.join(allowed)}")
+        return names
+    return parse
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(
+        description="Benchmark build/memdisk against nbdkit and qemu-nbd "
+        "with fio's nbd engine.")
+    ap.add_argument("--latencies", type=int_list, default=None,
+                    help="injected latencies in ms (default 0,10,50)")
+    ap.add_argument("--depths", type=int_list, default=None,
+                    help="queue depths (default 1,64,256,1024,4096)")
+    ap.add_argument("--servers", type=name_list(ALL_SERVERS), default=None,
+                    help=f"subset of {','.join(ALL_SERVERS)} (default all)")
+    ap.add_argument("--workloads", type=name_list(ALL_WORKLOADS),
+                    default=None,
+                    help=f"subset of {','.join(ALL_WORKLOADS)} (default all)")
+    ap.add_argument("--runtime", type=float, default=None,
+                    help="seconds of fio per point (default 5)")
+    ap.add_argument("--quick", action="store_true",
+                    help="random reads + multi-connection only, depths "
+                    "1,64,1024,4096, 3 s per point (explicit options win)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="smoke test: one 1 s point per server (0 ms, QD 32, "
+                    "random reads)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                    help="output directory (default bench/results)")
+    ap.add_argument("--size", default=None,
+                    help="disk size of every server (default 256M; 64M "
+                    "with --tiny)")
+    ap.add_argument("--no-prefill", dest="prefill", action="store_false",
+                    help="do not write the whole disk before each point "
+                    "(qemu-nbd then answers reads with holes, no payload)")
+    ap.add_argument("--memdisk-workers", type=int, default=2,
+                    help="memdisk --workers (default 2)")
+    ap.add_argument("--nbdkit-max-threads", type=int, default=4096,
+                    help="cap for nbdkit -t QD; the label shows the -t used "
+                    "(default 4096)")
+    ap.add_argument("--seq-max-depth", type=int, default=256,
+                    help="skip 1 MiB sequential reads above this queue depth "
+                    "(default 256)")
+    ap.add_argument("--jobs", type=int, default=4,
+                    help="connections (fio jobs) of the multi-connection run "
+                    "(default 4)")
+    ap.add_argument("--multiconn-depth", type=int, default=256,
+                    help="queue depth per connection of the multi-connection "
+                    "run (default 256)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every point N times and keep the run with the "
+                    "median IOPS (all IOPS kept in the JSON; default 1)")
+    ap.add_argument("--render", metavar="JSON",
+                    help="write the report of an earlier run again from its "
+                    "JSON (after changing this script), measuring nothing")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the points and exit")
+    args = ap.parse_args(argv)
+
+    if args.tiny:
+        defaults = dict(latencies=[0], depths=[32], workloads=["randread"],
+                        runtime=1, size="64M")
+    elif args.quick:
+        defaults = dict(latencies=DEFAULT_LATENCIES, depths=[1, 64, 1024, 4096],
+                        workloads=["randread", "multiconn"], runtime=3)
+    else:
+        defaults = dict(latencies=DEFAULT_LATENCIES, depths=DEFAULT_DEPTHS,
+                        workloads=ALL_WORKLOADS, runtime=5)
+    defaults["servers"] = ALL_SERVERS
+    defaults.setdefault("size", "256M")
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.runtime == int(args.runtime):
+        args.runtime = int(args.runtime)
+    if args.runtime <= 0 or any(d < 1 for d in args.depths) or \
+            any(L < 0 for L in args.latencies):
+        ap.error("runtime and depths must be positive, latencies >= 0")
+    return args
+
+
+def check_tools(args):
+    missing = []
+    if "memdisk" in args.servers and not os.access(MEMDISK, os.X_OK):
+        missing.append(f"{MEMDISK} (run `make`)")
+    need = {"fio"}
+    if any(s.startswith("nbdkit") for s in args.servers):
+        need.add("nbdkit")
+    if "qemu-nbd" in args.servers and 0 in args.latencies:
+        need.add("qemu-nbd")
+    for t in sorted(need):
+        if shutil.which(t) is None:
+            missing.append(t)
+    if missing:
+        sys.exit(f"bench: missing {', '.join(missing)} "
+                 f"(`make check-deps` installs the tools)")
+
+
+def on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.render:
+        return render(args.render, args.out)
+    points, skipped = plan(args)
+    if args.dry_run:
+        for p in points:
+            print("run ", *p)
+        for s in skipped:
+            print("skip", *s)
+        print(f"{len(points)} points, about "
+              f"{len(points) * (args.runtime + 2.0) * args.repeat / 60:.1f} min")
+        return 0
+    check_tools(args)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    env = environment(args)
+    started = datetime.datetime.now()
+    stamp = started.strftime("%Y%m%d-%H%M%S")
+    t_start = time.monotonic()
+    print(f"bench: {len(points)} points ({len(skipped)} skipped), "
+          f"{args.runtime} s each, about "
+          f"{len(points) * (args.runtime + 2.0) * args.repeat / 60:.1f} min; "
+          f"{env['cpu_model']}, {env['cores']} cores, load {env['loadavg_start']}",
+          file=sys.stderr, flush=True)
+    rows = []
+    interrupted = False
+    try:
+        for i, (kind, w, L, qd) in enumerate(points, 1):
+            row = run_repeated(kind, w, L, qd, args)
+            rows.append(row)
+            el = time.monotonic() - t_start
+            eta = el / i * (len(points) - i)
+            if "error" in row:
+                res = "FAILED: " + row["error"][:200]
+            else:
+                res = (f"{row['iops']:>9,.0f} IOPS {row['mib_s']:>8,.1f} MiB/s "
+                       f"lat {row['lat_mean_ms']:8.3f} ms  srv "
+                       f"{row['server_cpu_us_per_io']:6.1f} µs/IO "
+                       f"{row['threads_peak']:>4} thr "
+                       f"{row['hwm_mib']:6.1f} MiB  fio "
+                       f"{row['client_cpu_pct']:3.0f} %")
+            qds = f"{row['jobs']}x{qd}" if row["jobs"] > 1 else str(qd)
+            print(f"[{i:3}/{len(points)}] {w:9} {L:>3} ms QD {qds:>6} "
+                  f"{row['label']:13} {res}  (eta {eta / 60:.1f} min)",
+                  file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("bench: interrupted; writing what was measured",
+              file=sys.stderr)
+    elapsed = time.monotonic() - t_start
+    with open("/proc/loadavg") as f:
+        env["loadavg_end"] = " ".join(f.read().split()[:3])
+    blob = {
+        "stamp": stamp, "started": started.isoformat(timespec="seconds"),
+        "elapsed_s": elapsed, "interrupted": interrupted,
+        "command": " ".join(sys.argv), "environment": env,
+        "options": {k: (str(v) if isinstance(v, Path) else v)
+                    for k, v in vars(args).items()},
+        "skipped": [dict(zip(("workload", "latency_ms", "depth", "server",
+                              "reason"), s)) for s in skipped],
+        "results": rows,
+    }
+    md_text = write_outputs(blob, args.out)
+    print(md_text)
+    if interrupted:
+        return 130
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def write_outputs(blob, out):
+    """Targets, notes, markdown, SVG and JSON of one run, into out/."""
+    rows, env, stamp = blob["results"], blob["environment"], blob["stamp"]
+    blob["targets"] = tgt = targets(rows)
+    blob["notes"] = notes = observations(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / f"bench-{stamp}"
+    md = [header_md(blob)]
+    if blob.get("interrupted"):
+        md.append("**Interrupted: partial run.**\n")
+    md.append(f"![IOPS vs queue depth]({base.name}.svg)\n")
+    md.append("## Targets (issue 5)\n")
+    md += [f"- {t}" for t in tgt]
+    md.append("")
+    md.append("## Results\n")
+    md.append(results_tables(rows))
+    if notes:
+        md.append("## Notes\n")
+        md += [f"- {n}" for n in notes]
+        md.append("")
+    if blob["skipped"]:
+        reasons = {}
+        for s in blob["skipped"]:
+            reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+        md.append("## Skipped points\n")
+        md += [f"- {n} × {why}" for why, n in reasons.items()]
+        md.append("")
+    md_text = "\n".join(md)
+    svg = svg_plot(rows, f"NBD servers, fio nbd engine — {env['cpu_model']}, "
+                   f"{env['cores']} cores, {stamp}")
+    js = json.dumps(blob, indent=1) + "\n"
+    base.with_suffix(".md").write_text(md_text)
+    base.with_suffix(".svg").write_text(svg)
+    base.with_suffix(".json").write_text(js)
+    (out / "latest.md").write_text(
+        md_text.replace(f"({base.name}.svg)", "(latest.svg)"))
+    (out / "latest.svg").write_text(svg)
+    (out / "latest.json").write_text(js)
+
+    print("\n## Targets (issue 5)\n", file=sys.stderr)
+    for t in tgt:
+        print(f"- {t}", file=sys.stderr)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    print(f"\nbench: {len(rows)} points in {blob['elapsed_s'] / 60:.1f} min; "
+          f"wrote {base}.{{md,json,svg}} and {out}/latest.*", file=sys.stderr)
+    return md_text
+
+
+def render(json_path, out):
+    """--render: the report of an earlier run again, from its JSON."""
+    blob = json.loads(Path(json_path).read_text())
+    blob.setdefault("started", blob["stamp"])
+    blob.setdefault("command", "bench/run.py")
+    for r in blob["results"]:
+        if "server_cpu_s" in r:
+            r.setdefault("server_cpu_ticks", round(r["server_cpu_s"] * CLK_TCK))
+    write_outputs(blob, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
