@@ -115,10 +115,14 @@ submit (nbdkit_op *op, struct disk *d, enum kind kind, void *buf,
   pthread_mutex_lock (&queue.lock);
   if (queue.tail)
     queue.tail->next = j;
-  else
+  else {
+    /* Only a new head changes what the workers wait for: behind it, the
+     * job's deadline is later than the one they already sleep until.
+     */
     queue.head = j;
+    pthread_cond_signal (&queue.cond);
+  }
   queue.tail = j;
-  pthread_cond_signal (&queue.cond);
   pthread_mutex_unlock (&queue.lock);
   return 0;
 }
@@ -252,6 +256,8 @@ worker (void *arg)
       queue.head = j->next;
       if (queue.head == NULL)
         queue.tail = NULL;
+      else if (is_due (&queue.head->due))
+        pthread_cond_signal (&queue.cond);   /* more work now: wake a peer */
       pthread_mutex_unlock (&queue.lock);
       run_job (j);
       pthread_mutex_lock (&queue.lock);

@@ -240,7 +240,9 @@ typedef struct nbdkit_plugin_lowlevel {
   int (*can_cache)(void *handle);
   /**
    * Reads `count` bytes at `offset` into `buf`. `buf` is owned by the
-   * library and stays valid until the op is replied to.
+   * library and stays valid until the op is replied to. Its contents on
+   * entry are unspecified (buffers are reused): a successful reply must
+   * have filled all `count` bytes.
    * Valid replies: `nbdkit_reply` (once `buf` is filled),
    * `nbdkit_reply_read`, `nbdkit_reply_error`.
    */
@@ -388,7 +390,8 @@ typedef struct nbdkit_plugin {
    */
   int (*can_cache)(void *handle);
   /**
-   * Reads `count` bytes at `offset` into `buf`. Required.
+   * Reads `count` bytes at `offset` into `buf` (whose contents on entry
+   * are unspecified: fill all of it). Required.
    */
   int (*pread)(void *handle, void *buf, uint32_t count, uint64_t offset, uint32_t flags);
   /**

@@ -15,6 +15,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token as MioToken};
 use slab::Slab;
 
+use crate::buffers::BufferPool;
 use crate::completion::{self, Completion, Completions, OpTable, Token};
 use crate::config::Config;
 use crate::conn::stream::{interrupted, would_block, Stream};
@@ -341,12 +342,16 @@ impl EventLoop {
             config: &self.config,
             ops: &mut s.ops,
             stats: &self.shared.stats,
+            buffers: &mut s.buffers,
             timeouts: s.requests.as_mut(),
             now,
             others_bytes: s.total_bytes - before,
             exempt: &mut s.exempt,
         };
         let r = f(conn, &mut ctx);
+        for buf in conn.spent_buffers() {
+            s.buffers.give(buf);
+        }
         let after = conn.held_total();
         s.total_bytes = s.total_bytes - before + after;
         if s.exempt.is_some_and(|(k, serial, _)| (k, serial) == (key, conn.serial))
@@ -592,6 +597,7 @@ struct LoopState {
     finished: bool,
     /// Reused from one turn to the next.
     touched: Vec<usize>,
+    buffers: BufferPool,
     /// Clients handed over before the loop started.
     pending: Vec<Stream>,
 }

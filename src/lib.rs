@@ -5,6 +5,7 @@
 //! thread, with `nbdkit_reply*`. See README.md and include/nbdkit-async.h.
 
 pub mod adopt;
+pub mod buffers;
 pub mod completion;
 pub mod config;
 pub mod conn;

@@ -15,6 +15,7 @@ use std::time::Instant;
 use crate::completion::{OpTable, Outcome, Token};
 use crate::config::Config;
 use crate::deadlines::Deadlines;
+use crate::buffers::BufferPool;
 use crate::stats::Stats;
 use crate::ffi::plugin::{NBDKIT_EXTENT_ZERO, NBDKIT_FLAG_FAST_ZERO, NBDKIT_FLAG_FUA, NBDKIT_FLAG_MAY_TRIM, NBDKIT_FLAG_REQ_ONE};
 use crate::plugin::{Handle, Io, Plugin};
@@ -69,6 +70,7 @@ pub struct Ctx<'a> {
     pub config: &'a Config,
     pub ops: &'a mut OpTable<Op>,
     pub stats: &'a Stats,
+    pub buffers: &'a mut BufferPool,
     /// Per-request deadlines, when a request timeout is set.
     pub timeouts: Option<&'a mut Deadlines<Token>>,
     pub now: Instant,
@@ -230,6 +232,11 @@ impl Connection {
     /// Bytes this connection holds: op buffers plus unsent replies.
     pub fn held_total(&self) -> usize {
         self.plugin_held() + self.output.bytes
+    }
+
+    /// Buffers this connection is done with, for reuse.
+    pub fn spent_buffers(&mut self) -> impl Iterator<Item = Vec<u8>> + '_ {
+        self.output.take_spent()
     }
 
     /// Bytes of requests handed to the plugin and not yet answered.
@@ -451,7 +458,7 @@ impl Connection {
         if fua && caps.fua == FuaMode::Native {
             flags |= NBDKIT_FLAG_FUA;
         }
-        let buf = if io == Io::Read { vec![0u8; h.length as usize] } else { req.payload };
+        let buf = if io == Io::Read { ctx.buffers.take(h.length as usize) } else { req.payload };
         let op = Op {
             conn: self.key,
             conn_serial: self.serial,
@@ -585,7 +592,11 @@ impl Connection {
                 None => misuse("nbdkit_reply_extents without an extent at the offset"),
             },
             (CMD_READ | CMD_BLOCK_STATUS, _) => misuse("a reply without data"),
-            (_, Outcome::Done) => Ok(self.output.push_reply(codec::simple_reply(op.cookie, 0), Vec::new())),
+            (_, Outcome::Done) => {
+                self.output.push_reply(codec::simple_reply(op.cookie, 0), Vec::new());
+                self.output.recycle(op.buf);
+                Ok(())
+            }
             (_, _) => misuse("a data reply"),
         };
         let read_bytes = if header.cmd == CMD_READ { header.length as usize } else { 0 };
@@ -617,7 +628,7 @@ impl Connection {
             } else {
                 codec::simple_reply(op.cookie, 0)
             };
-            self.output.push_reply(h, op.buf);
+            self.output.push_payload(h, op.buf, op.count as usize);
             return;
         }
         let buf = std::rc::Rc::new(op.buf);

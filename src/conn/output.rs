@@ -13,8 +13,9 @@ use crate::protocol::codec::ReplyHeader;
 const MAX_FRAMES_PER_WRITE: usize = 64;
 
 enum Frame {
-    /// A reply header and its payload (read data, possibly empty).
-    Reply(ReplyHeader, Vec<u8>),
+    /// A reply header and the first `.2` bytes of a buffer (read data,
+    /// possibly none).
+    Reply(ReplyHeader, Vec<u8>, usize),
     /// A reply header and part of a buffer shared with other chunks.
     Shared(ReplyHeader, Rc<Vec<u8>>, Range<usize>),
     /// Raw handshake bytes.
@@ -24,7 +25,7 @@ enum Frame {
 impl Frame {
     fn parts(&self) -> (&[u8], &[u8]) {
         match self {
-            Frame::Reply(h, p) => (h.as_bytes(), p),
+            Frame::Reply(h, p, len) => (h.as_bytes(), &p[..*len]),
             Frame::Shared(h, p, r) => (h.as_bytes(), &p[r.clone()]),
             Frame::Bytes(b) => (b, &[]),
         }
@@ -42,6 +43,8 @@ pub struct Output {
     sent: usize,
     /// Bytes queued and not yet sent.
     pub bytes: usize,
+    /// Buffers whose bytes are all sent, for the loop's buffer pool.
+    spent: Vec<Vec<u8>>,
 }
 
 impl Output {
@@ -50,9 +53,27 @@ impl Output {
     }
 
     pub fn push_reply(&mut self, header: ReplyHeader, payload: Vec<u8>) {
-        let f = Frame::Reply(header, payload);
+        let len = payload.len();
+        self.push_payload(header, payload, len);
+    }
+
+    /// A reply sending the first `len` bytes of `buf`.
+    pub fn push_payload(&mut self, header: ReplyHeader, buf: Vec<u8>, len: usize) {
+        let f = Frame::Reply(header, buf, len);
         self.bytes += f.len();
         self.frames.push_back(f);
+    }
+
+    /// A buffer no longer needed, to be reused.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if buf.len() >= 4096 {
+            self.spent.push(buf);
+        }
+    }
+
+    /// Takes the buffers that are free for reuse.
+    pub fn take_spent(&mut self) -> impl Iterator<Item = Vec<u8>> + '_ {
+        self.spent.drain(..)
     }
 
     pub fn push_shared(&mut self, header: ReplyHeader, buf: Rc<Vec<u8>>, range: Range<usize>) {
@@ -108,7 +129,9 @@ impl Output {
             }
             written -= left;
             self.sent = 0;
-            self.frames.pop_front();
+            if let Some(Frame::Reply(_, buf, _)) = self.frames.pop_front() {
+                self.recycle(buf);
+            }
         }
     }
 }

@@ -117,7 +117,9 @@ pub struct nbdkit_plugin_lowlevel {
     pub can_cache: Option<unsafe extern "C" fn(handle: *mut c_void) -> c_int>,
 
     /// Reads `count` bytes at `offset` into `buf`. `buf` is owned by the
-    /// library and stays valid until the op is replied to.
+    /// library and stays valid until the op is replied to. Its contents on
+    /// entry are unspecified (buffers are reused): a successful reply must
+    /// have filled all `count` bytes.
     /// Valid replies: `nbdkit_reply` (once `buf` is filled),
     /// `nbdkit_reply_read`, `nbdkit_reply_error`.
     pub pread: Option<

@@ -54,7 +54,8 @@ pub struct nbdkit_plugin {
     /// As in `nbdkit_plugin_lowlevel`.
     pub can_cache: Option<unsafe extern "C" fn(handle: *mut c_void) -> c_int>,
 
-    /// Reads `count` bytes at `offset` into `buf`. Required.
+    /// Reads `count` bytes at `offset` into `buf` (whose contents on entry
+    /// are unspecified: fill all of it). Required.
     pub pread: Option<unsafe extern "C" fn(handle: *mut c_void, buf: *mut c_void, count: u32, offset: u64, flags: u32) -> c_int>,
     /// Writes `count` bytes from `buf` at `offset`; `flags` may hold NBDKIT_FLAG_FUA.
     pub pwrite: Option<unsafe extern "C" fn(handle: *mut c_void, buf: *const c_void, count: u32, offset: u64, flags: u32) -> c_int>,
