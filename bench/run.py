@@ -17,6 +17,7 @@ Standard library only.
 """
 
 import argparse
+import atexit
 import ctypes
 import datetime
 import json
@@ -42,6 +43,50 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 ALL_SERVERS = ["memdisk", "nbdkit-t16", "nbdkit-tqd", "qemu-nbd"]
+# Opt-in: the same servers behind TLS (--servers memdisk-tls,nbdkit-tls).
+TLS_SERVERS = ["memdisk-tls", "nbdkit-tls"]
+KNOWN_SERVERS = ALL_SERVERS + TLS_SERVERS
+
+
+_tls_dir = None
+
+
+def tls_certificates():
+    """A CA and a server certificate for localhost, made once per run with
+    the openssl CLI, in the directory layout nbdkit and libnbd expect."""
+    global _tls_dir
+    if _tls_dir is None:
+        d = Path(tempfile.mkdtemp(prefix="nbdbench-pki-"))
+        atexit.register(shutil.rmtree, d, True)
+
+        def ssl(*a):
+            subprocess.run(["openssl", *a], cwd=d, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2",
+            "-subj", "/CN=bench CA")
+        ssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", "server-key.pem", "-out", "server.csr", "-subj", "/CN=localhost")
+        (d / "ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                               "extendedKeyUsage=serverAuth\n")
+        ssl("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey",
+            "ca-key.pem", "-CAcreateserial", "-out", "server-cert.pem", "-days", "2",
+            "-extfile", "ext")
+        # fio's nbd engine may not read files named in the URI, so libnbd
+        # finds the CA where it looks by default: $HOME/.pki/libnbd.
+        home = d / "home" / ".pki" / "libnbd"
+        home.mkdir(parents=True)
+        shutil.copy(d / "ca-cert.pem", home / "ca-cert.pem")
+        _tls_dir = d
+    return _tls_dir
+
+
+def client_env():
+    """fio's environment: HOME points at the bench CA when TLS is in play."""
+    env = dict(os.environ)
+    if _tls_dir is not None:
+        env["HOME"] = str(_tls_dir / "home")
+    return env
 ALL_WORKLOADS = ["randread", "randwrite", "seqread", "multiconn"]
 DEFAULT_LATENCIES = [0, 10, 50]
 DEFAULT_DEPTHS = [1, 64, 256, 1024, 4096]
@@ -161,21 +206,29 @@ class Server:
 
     @property
     def uri(self):
+        if self.kind in TLS_SERVERS:
+            tls_certificates()
+            return f"nbds+unix:///?socket={self.sock}"
         return f"nbd+unix:///?socket={self.sock}"
 
     def build_argv(self):
         size = self.args.size
         L = self.latency_ms
-        if self.kind == "memdisk":
-            return [str(MEMDISK), "--unix", str(self.sock), "--size", size,
+        if self.kind in ("memdisk", "memdisk-tls"):
+            argv = [str(MEMDISK), "--unix", str(self.sock), "--size", size,
                     "--latency-ms", str(L),
                     "--workers", str(self.args.memdisk_workers)]
-        if self.kind in ("nbdkit-t16", "nbdkit-tqd"):
-            t = 16 if self.kind == "nbdkit-t16" else nbdkit_threads(
+            if self.kind == "memdisk-tls":
+                argv += ["--tls=require", "--tls-certificates", str(tls_certificates())]
+            return argv
+        if self.kind in ("nbdkit-t16", "nbdkit-tqd", "nbdkit-tls"):
+            t = 16 if self.kind != "nbdkit-tqd" else nbdkit_threads(
                 self.depth, self.args)
             self.threads_opt = t
             argv = ["nbdkit", "-U", str(self.sock), "-f", "--exit-with-parent",
                     "-t", str(t)]
+            if self.kind == "nbdkit-tls":
+                argv += ["--tls=require", f"--tls-certificates={tls_certificates()}"]
             if L > 0:
                 argv += ["--filter=delay"]
             argv += ["memory", f"size={size}"]
@@ -219,7 +272,7 @@ class Server:
             time.sleep(0.01)
 
     def ready(self):
-        if self.kind == "memdisk":
+        if self.kind in ("memdisk", "memdisk-tls"):
             # memdisk prints its URI once it listens.
             return self.stdout_path.read_bytes().endswith(b"\n")
         if not self.sock.exists():
@@ -268,6 +321,8 @@ def nbdkit_threads(depth, args):
 def server_label(kind, depth, args):
     if kind == "nbdkit-t16":
         return "nbdkit -t16"
+    if kind == "nbdkit-tls":
+        return "nbdkit -t16 TLS"
     if kind == "nbdkit-tqd":
         return f"nbdkit -t{nbdkit_threads(depth, args)}"
     return kind
@@ -303,7 +358,8 @@ def run_fio(argv, json_path, timeout):
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+                             stderr=subprocess.STDOUT, start_new_session=True,
+                             env=client_env())
     status = None
     rusage = None
     try:
@@ -597,7 +653,7 @@ def fmt(v, digits=None, pct=False):
     return f"{v:.3f}"
 
 
-SERVER_ORDER = {k: i for i, k in enumerate(ALL_SERVERS)}
+SERVER_ORDER = {k: i for i, k in enumerate(KNOWN_SERVERS)}
 
 
 def sort_key(r):
@@ -878,9 +934,11 @@ ratios between servers within one run count.**
 # ---------------------------------------------------------------------------
 # SVG plot (hand-made)
 
-COLORS = {"memdisk": "#d62728", "nbdkit-t16": "#1f77b4",
+COLORS = {"memdisk-tls": "#ff9896", "nbdkit-tls": "#aec7e8",
+          "memdisk": "#d62728", "nbdkit-t16": "#1f77b4",
           "nbdkit-tqd": "#2ca02c", "qemu-nbd": "#9467bd"}
-NAMES = {"memdisk": "memdisk (ours)", "nbdkit-t16": "nbdkit -t16",
+NAMES = {"memdisk-tls": "memdisk over TLS", "nbdkit-tls": "nbdkit -t16 over TLS",
+         "memdisk": "memdisk (ours)", "nbdkit-t16": "nbdkit -t16",
          "nbdkit-tqd": "nbdkit -t QD", "qemu-nbd": "qemu-nbd"}
 
 
@@ -929,7 +987,7 @@ def svg_plot(rows, title):
          f'<text x="{W / 2}" y="38" text-anchor="middle" fill="#555">'
          f'log-log; dashed grey = Little bound (QD ÷ latency); absolute '
          f'numbers vary by machine, compare within one run</text>']
-    servers = [s for s in ALL_SERVERS if any(r["server"] == s for r in good)]
+    servers = [s for s in KNOWN_SERVERS if any(r["server"] == s for r in good)]
 
     def panel(ix, iy):
         return 5 + ix * CW + ML, TOP + iy * CH + MT
@@ -1124,8 +1182,9 @@ def parse_args(argv):
                     help="injected latencies in ms (default 0,10,50)")
     ap.add_argument("--depths", type=int_list, default=None,
                     help="queue depths (default 1,64,256,1024,4096)")
-    ap.add_argument("--servers", type=name_list(ALL_SERVERS), default=None,
-                    help=f"subset of {','.join(ALL_SERVERS)} (default all)")
+    ap.add_argument("--servers", type=name_list(KNOWN_SERVERS), default=None,
+                    help=f"subset of {','.join(KNOWN_SERVERS)} (default "
+                    f"{','.join(ALL_SERVERS)}; the -tls ones serve over TLS)")
     ap.add_argument("--workloads", type=name_list(ALL_WORKLOADS),
                     default=None,
                     help=f"subset of {','.join(ALL_WORKLOADS)} (default all)")
