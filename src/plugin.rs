@@ -239,6 +239,7 @@ impl Plugin {
             can_fast_zero: can_zero && ask(raw.can_fast_zero, false)?,
             block_size: self.block_size(h)?,
             base_allocation: false,
+            extended_headers: false,
             can_cache: self.has(Io::Cache) && ask(raw.can_cache, true)?,
             can_multi_conn: ask(raw.can_multi_conn, false)?,
             fua,

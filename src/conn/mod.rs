@@ -387,6 +387,7 @@ impl Connection {
                     HsOutcome::Done(negotiated) => {
                         let mut caps = self.caps.expect("set by resolve");
                         caps.structured_replies = negotiated.structured_replies;
+                        caps.extended_headers = negotiated.extended_headers;
                         caps.base_allocation = negotiated.contexts.contains(&CONTEXT_BASE_ALLOCATION_ID);
                         self.caps = Some(caps);
                         log::debug!(
@@ -395,7 +396,13 @@ impl Connection {
                             negotiated.export.name,
                             caps.size,
                             negotiated.export.flags,
-                            if caps.structured_replies { ", structured replies" } else { "" }
+                            if caps.extended_headers {
+                                ", extended headers"
+                            } else if caps.structured_replies {
+                                ", structured replies"
+                            } else {
+                                ""
+                            }
                         );
                         self.phase = Phase::Transmission(RequestReader::new(caps));
                     }
@@ -593,7 +600,11 @@ impl Connection {
             },
             (CMD_READ | CMD_BLOCK_STATUS, _) => misuse("a reply without data"),
             (_, Outcome::Done) => {
-                self.output.push_reply(codec::simple_reply(op.cookie, 0), Vec::new());
+                let h = match self.reply_to(&header) {
+                    Some(to) if to.extended => codec::done_chunk(&to),
+                    _ => codec::simple_reply(op.cookie, 0),
+                };
+                self.output.push_reply(h, Vec::new());
                 self.output.recycle(op.buf);
                 Ok(())
             }
@@ -614,8 +625,8 @@ impl Connection {
     /// holes when the client takes structured replies in several chunks;
     /// otherwise they are zeroed in the buffer, which goes out whole.
     fn send_read(&mut self, mut op: Op, extents: &[(u64, u32)]) {
-        let structured = self.caps.is_some_and(|c| c.structured_replies);
-        let chunks = structured && op.flags & CMD_FLAG_DF == 0;
+        let to = self.reply_to(&op.header());
+        let chunks = to.is_some() && op.flags & CMD_FLAG_DF == 0;
         let runs = zero_runs(extents);
         if !chunks || runs.iter().all(|r| !r.2) {
             for &(start, len, zero) in &runs {
@@ -623,39 +634,46 @@ impl Connection {
                     op.buf[start..start + len].fill(0);
                 }
             }
-            let h = if structured {
-                codec::structured_data_chunk(op.cookie, true, op.offset, op.count)
-            } else {
-                codec::simple_reply(op.cookie, 0)
+            let h = match &to {
+                Some(to) => codec::data_chunk(to, true, op.offset, op.count),
+                None => codec::simple_reply(op.cookie, 0),
             };
             self.output.push_payload(h, op.buf, op.count as usize);
             return;
         }
+        let to = to.expect("chunks imply structured replies");
         let buf = std::rc::Rc::new(op.buf);
         let last = runs.len() - 1;
         for (i, &(start, len, zero)) in runs.iter().enumerate() {
             let offset = op.offset + start as u64;
             if zero {
-                self.output.push_reply(codec::structured_hole_chunk(op.cookie, i == last, offset, len as u32), Vec::new());
+                self.output.push_reply(codec::hole_chunk(&to, i == last, offset, len as u32), Vec::new());
             } else {
-                let h = codec::structured_data_chunk(op.cookie, i == last, offset, len as u32);
+                let h = codec::data_chunk(&to, i == last, offset, len as u32);
                 self.output.push_shared(h, buf.clone(), start..start + len);
             }
         }
     }
 
     fn send_block_status(&mut self, op: &Op, descriptors: &[(u32, u32)]) {
-        let h = codec::structured_block_status(op.cookie, CONTEXT_BASE_ALLOCATION_ID, descriptors.len());
-        self.output.push_reply(h, codec::block_descriptors(descriptors));
+        let to = self.reply_to(&op.header()).expect("block status implies structured replies");
+        let h = codec::block_status(&to, CONTEXT_BASE_ALLOCATION_ID, descriptors.len());
+        self.output.push_reply(h, codec::block_descriptors(descriptors, to.extended));
+    }
+
+    /// How to frame structured chunks for this request, or None when the
+    /// client takes only simple replies.
+    fn reply_to(&self, h: &RequestHeader) -> Option<codec::ReplyTo> {
+        let caps = self.caps.as_ref()?;
+        caps.structured_replies.then_some(codec::ReplyTo { cookie: h.cookie, offset: h.offset, extended: caps.extended_headers })
     }
 
     fn queue_error(&mut self, h: &RequestHeader, nbd_error: u32) {
-        let structured = self.caps.is_some_and(|c| c.structured_replies);
-        // READ and BLOCK_STATUS must be answered with structured replies once negotiated.
-        let reply = if structured && matches!(h.cmd, CMD_READ | CMD_BLOCK_STATUS) {
-            codec::structured_error(h.cookie, nbd_error)
-        } else {
-            codec::simple_reply(h.cookie, nbd_error)
+        // READ and BLOCK_STATUS must be answered with structured replies
+        // once negotiated; with extended headers, everything is.
+        let reply = match self.reply_to(h) {
+            Some(to) if to.extended || matches!(h.cmd, CMD_READ | CMD_BLOCK_STATUS) => codec::error_chunk(&to, nbd_error),
+            _ => codec::simple_reply(h.cookie, nbd_error),
         };
         self.output.push_reply(reply, Vec::new());
     }

@@ -41,6 +41,7 @@ pub(crate) const REP_ERR_UNKNOWN: u32 = REP_ERR | 6;
 pub(crate) const REP_ERR_SHUTDOWN: u32 = REP_ERR | 7;
 pub(crate) const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_ERR | 8;
 pub(crate) const REP_ERR_TOO_BIG: u32 = REP_ERR | 9;
+pub(crate) const REP_ERR_EXT_HEADER_REQD: u32 = REP_ERR | 10;
 
 // NBD_REP_INFO payload types.
 pub(crate) const INFO_EXPORT: u16 = 0;
@@ -62,6 +63,8 @@ pub(crate) const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 // Transmission.
 pub(crate) const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub(crate) const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+pub(crate) const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 pub(crate) const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub(crate) const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
@@ -79,12 +82,15 @@ pub(crate) const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub(crate) const CMD_FLAG_DF: u16 = 1 << 2;
 pub(crate) const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub(crate) const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// Extended headers: the length field is a payload length (BLOCK_STATUS filters).
+pub(crate) const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 pub(crate) const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub(crate) const REPLY_TYPE_NONE: u16 = 0;
 pub(crate) const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub(crate) const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub(crate) const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub(crate) const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 pub(crate) const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 
 // Meta contexts: the one we serve, and its status bits.
@@ -155,6 +161,7 @@ pub fn rep_name(rep: u32) -> &'static str {
         REP_ERR_SHUTDOWN => "NBD_REP_ERR_SHUTDOWN",
         REP_ERR_BLOCK_SIZE_REQD => "NBD_REP_ERR_BLOCK_SIZE_REQD",
         REP_ERR_TOO_BIG => "NBD_REP_ERR_TOO_BIG",
+        REP_ERR_EXT_HEADER_REQD => "NBD_REP_ERR_EXT_HEADER_REQD",
         _ => "unknown reply",
     }
 }

@@ -161,6 +161,7 @@ fn request_reader_survives_mutated_input() {
         block_size: (1, 4096, 1 << 25),
         structured_replies: true,
         base_allocation: true,
+        extended_headers: false,
     };
     for _ in 0..iterations() {
         let mut stream = Vec::new();

@@ -55,6 +55,8 @@ pub struct Negotiated {
     pub structured_replies: bool,
     /// Meta context ids selected with NBD_OPT_SET_META_CONTEXT for this export.
     pub contexts: Vec<u32>,
+    /// 32-byte requests with 64-bit lengths, and extended reply headers.
+    pub extended_headers: bool,
 }
 
 /// Whether clients may, or must, switch to TLS with NBD_OPT_STARTTLS.
@@ -95,6 +97,7 @@ pub struct Handshake {
     buf: Vec<u8>,
     no_zeroes: bool,
     structured_replies: bool,
+    extended_headers: bool,
     options_seen: u32,
     shutting_down: bool,
     /// The last NBD_OPT_SET_META_CONTEXT: its export and the ids chosen.
@@ -114,6 +117,7 @@ impl Handshake {
             buf: Vec::with_capacity(16),
             no_zeroes: false,
             structured_replies: false,
+            extended_headers: false,
             options_seen: 0,
             shutting_down: false,
             selected: None,
@@ -127,6 +131,7 @@ impl Handshake {
     pub fn tls_started(&mut self) {
         self.tls_active = true;
         self.structured_replies = false;
+        self.extended_headers = false;
         self.selected = None;
         self.state = State::OptionHeader;
     }
@@ -304,9 +309,23 @@ impl Handshake {
                 option_reply(out, opt, REP_ACK, &[]);
                 Some(Outcome::StartTls)
             }
+            OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    return reply_err(out, REP_ERR_INVALID);
+                }
+                // Extended headers carry structured replies with them.
+                self.extended_headers = true;
+                self.structured_replies = true;
+                option_reply(out, opt, REP_ACK, &[]);
+                None
+            }
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
                     return reply_err(out, REP_ERR_INVALID);
+                }
+                if self.extended_headers {
+                    // Going back to compact headers is not a thing.
+                    return reply_err(out, REP_ERR_EXT_HEADER_REQD);
                 }
                 self.structured_replies = true;
                 option_reply(out, opt, REP_ACK, &[]);
@@ -396,7 +415,12 @@ impl Handshake {
 
     fn done(&mut self, export: ExportInfo) -> Outcome {
         let contexts = self.selected.take().map(|(_, ids)| ids).unwrap_or_default();
-        Outcome::Done(Negotiated { export, structured_replies: self.structured_replies, contexts })
+        Outcome::Done(Negotiated {
+            export,
+            structured_replies: self.structured_replies,
+            contexts,
+            extended_headers: self.extended_headers,
+        })
     }
 }
 
@@ -410,6 +434,7 @@ fn is_known_option(opt: u32) -> bool {
             | OPT_GO
             | OPT_STRUCTURED_REPLY
             | OPT_STARTTLS
+            | OPT_EXTENDED_HEADERS
             | OPT_LIST_META_CONTEXT
             | OPT_SET_META_CONTEXT
     )
@@ -885,5 +910,23 @@ mod tests {
         let (_, outcome) = req.feed(&input, &mut Vec::new(), &mut ex);
         assert!(matches!(outcome, Outcome::Close(_)));
         let _ = hs.buffered();
+    }
+
+    #[test]
+    fn extended_headers_imply_structured_replies() {
+        let (mut hs, mut ex) = start();
+        let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
+        input.extend(option(OPT_EXTENDED_HEADERS, &[1]));
+        input.extend(option(OPT_EXTENDED_HEADERS, &[]));
+        input.extend(option(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(option(OPT_SET_META_CONTEXT, &meta_request("", &["base:allocation"])));
+        input.extend(option(OPT_GO, &info_request("", &[])));
+        let mut out = Vec::new();
+        let (_, outcome) = hs.feed(&input, &mut out, &mut ex);
+        let Outcome::Done(n) = outcome else { panic!("{outcome:?}") };
+        assert!(n.extended_headers && n.structured_replies);
+        assert_eq!(n.contexts, vec![CONTEXT_BASE_ALLOCATION_ID]);
+        let r: Vec<u32> = replies(&out).iter().map(|x| x.1).collect();
+        assert_eq!(r[..4], [REP_ERR_INVALID, REP_ACK, REP_ERR_EXT_HEADER_REQD, REP_META_CONTEXT]);
     }
 }

@@ -1,7 +1,7 @@
 //! The transmission phase, client to server: framing and validation of
 //! requests, sans-IO. Replies are built with [`super::codec`].
 
-use super::codec::{decode_request, RequestHeader, REQUEST_HEADER_LEN};
+use super::codec::{decode_extended_request, decode_request, RequestHeader, EXTENDED_REQUEST_HEADER_LEN, REQUEST_HEADER_LEN};
 use super::consts::*;
 
 /// Largest READ or WRITE payload we accept: what nbdkit and qemu-nbd allow.
@@ -35,6 +35,8 @@ pub struct ExportCaps {
     /// client selected base:allocation (so may send BLOCK_STATUS).
     pub structured_replies: bool,
     pub base_allocation: bool,
+    /// 32-byte requests with 64-bit lengths, extended reply headers.
+    pub extended_headers: bool,
 }
 
 impl ExportCaps {
@@ -89,7 +91,7 @@ pub enum Event {
 }
 
 enum State {
-    Header { buf: [u8; REQUEST_HEADER_LEN], have: usize },
+    Header { buf: [u8; EXTENDED_REQUEST_HEADER_LEN], have: usize },
     /// `buf` is zeroed memory from calloc, so only the pages the client's
     /// bytes land on become resident: a client that stalls mid-payload
     /// holds what it sent, not what it claimed.
@@ -105,7 +107,7 @@ pub struct RequestReader {
 
 impl RequestReader {
     pub fn new(caps: ExportCaps) -> Self {
-        RequestReader { state: State::Header { buf: [0; REQUEST_HEADER_LEN], have: 0 }, caps }
+        RequestReader { state: State::Header { buf: [0; EXTENDED_REQUEST_HEADER_LEN], have: 0 }, caps }
     }
 
     /// Consumes bytes until one event is complete (or input runs out).
@@ -114,19 +116,29 @@ impl RequestReader {
         loop {
             match &mut self.state {
                 State::Header { buf, have } => {
-                    let take = (REQUEST_HEADER_LEN - *have).min(input.len() - used);
+                    let need = if self.caps.extended_headers { EXTENDED_REQUEST_HEADER_LEN } else { REQUEST_HEADER_LEN };
+                    let take = (need - *have).min(input.len() - used);
                     buf[*have..*have + take].copy_from_slice(&input[used..used + take]);
                     *have += take;
                     used += take;
-                    if *have < REQUEST_HEADER_LEN {
+                    if *have < need {
                         return (used, None);
                     }
-                    let header = match decode_request(buf) {
-                        Ok(h) => h,
-                        Err(_) => return (used, Some(Event::Fatal("bad request magic"))),
-                    };
                     *have = 0;
-                    if let Some(event) = self.on_header(header) {
+                    let event = if self.caps.extended_headers {
+                        let b: &[u8; EXTENDED_REQUEST_HEADER_LEN] = buf;
+                        match decode_extended_request(b) {
+                            Ok((h, length)) => self.on_extended_header(h, length),
+                            Err(_) => return (used, Some(Event::Fatal("bad request magic"))),
+                        }
+                    } else {
+                        let b: &[u8; REQUEST_HEADER_LEN] = (&buf[..REQUEST_HEADER_LEN]).try_into().expect("prefix");
+                        match decode_request(b) {
+                            Ok(h) => self.on_header(h),
+                            Err(_) => return (used, Some(Event::Fatal("bad request magic"))),
+                        }
+                    };
+                    if let Some(event) = event {
                         return (used, Some(event));
                     }
                 }
@@ -145,7 +157,7 @@ impl RequestReader {
                         return (used, None);
                     }
                     let event = Event::Reject { header: *header, error: *error };
-                    self.state = State::Header { buf: [0; REQUEST_HEADER_LEN], have: 0 };
+                    self.state = State::Header { buf: [0; EXTENDED_REQUEST_HEADER_LEN], have: 0 };
                     return (used, Some(event));
                 }
             }
@@ -187,11 +199,39 @@ impl RequestReader {
         if *have < buf.len() {
             return None;
         }
-        let fresh = State::Header { buf: [0; REQUEST_HEADER_LEN], have: 0 };
+        let fresh = State::Header { buf: [0; EXTENDED_REQUEST_HEADER_LEN], have: 0 };
         let State::Payload { header, buf, .. } = std::mem::replace(&mut self.state, fresh) else {
             unreachable!()
         };
         Some(Event::Request(Request { header, payload: buf }))
+    }
+
+    /// An extended header: lengths are 64-bit, and PAYLOAD_LEN says a
+    /// payload follows. Our plugin API counts in 32 bits; a block-status
+    /// length is a hint and is capped, anything else longer is refused.
+    fn on_extended_header(&mut self, mut h: RequestHeader, length: u64) -> Option<Event> {
+        let payload = h.cmd == CMD_WRITE || h.flags & CMD_FLAG_PAYLOAD_LEN != 0;
+        if h.cmd == CMD_WRITE {
+            h.flags &= !CMD_FLAG_PAYLOAD_LEN; // it only restates the length
+        }
+        let refuse = |state: &mut State, mut h: RequestHeader| {
+            h.length = length.min(u32::MAX as u64) as u32;
+            if payload {
+                *state = State::Discard { header: h, error: NBD_EINVAL, remaining: length };
+                None
+            } else {
+                Some(Event::Reject { header: h, error: NBD_EINVAL })
+            }
+        };
+        if h.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
+            return refuse(&mut self.state, h); // no block-status filters here
+        }
+        h.length = match u32::try_from(length) {
+            Ok(l) => l,
+            Err(_) if h.cmd == CMD_BLOCK_STATUS => u32::MAX,
+            Err(_) => return refuse(&mut self.state, h),
+        };
+        self.on_header(h)
     }
 
     fn on_header(&mut self, header: RequestHeader) -> Option<Event> {
@@ -301,6 +341,7 @@ mod tests {
             block_size: (1, 4096, MAX_PAYLOAD),
             structured_replies: false,
             base_allocation: false,
+            extended_headers: false,
         }
     }
 
