@@ -50,7 +50,10 @@ $(BUILD)/%: c-examples/%.c $(STATICLIB) $(HEADER) | $(BUILD)
 	$(CC) $(CFLAGS) -o $@ $< $(LIBS)
 
 $(BUILD)/%: cpp-examples/%.cpp $(STATICLIB) $(HEADER) $(wildcard include/*.hpp) | $(BUILD)
-	$(CXX) $(CXXFLAGS) -o $@ $< $(LIBS)
+	$(CXX) $(CXXFLAGS) -o $@ $< $(LIBS) $(LDLIBS_EXTRA)
+
+# The gateway speaks TLS to its upstream with boost::asio::ssl (OpenSSL).
+$(BUILD)/asio-gateway: LDLIBS_EXTRA := -lssl -lcrypto
 
 $(BUILD):
 	mkdir -p $@

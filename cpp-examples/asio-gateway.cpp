@@ -23,10 +23,23 @@
  * and it reconnects with backoff; while no upstream connection is up, new
  * requests fail at once instead of waiting.
  *
+ * Block status: when the upstream agrees to the base:allocation meta
+ * context, the gateway offers it downstream and forwards NBD_CMD_BLOCK_STATUS;
+ * holes in upstream reads (NBD_REPLY_TYPE_OFFSET_HOLE) stay holes downstream.
+ *
+ * TLS: downstream with --tls=on|require --tls-certificates DIR (served by
+ * the library); upstream with an nbds:// or nbds+unix:// URI, where the
+ * gateway sends NBD_OPT_STARTTLS and shakes hands with boost::asio::ssl
+ * (OpenSSL), verifying the server against DIR/ca-cert.pem of
+ * --upstream-tls-certificates DIR (and presenting DIR/client-cert.pem and
+ * client-key.pem if they exist).
+ *
  *   build/asio-gateway [--unix PATH] [--tcp HOST:PORT] --upstream URI
  *                      [--threads N] [--upstream-connections N]
+ *                      [--tls=off|on|require] [--tls-certificates DIR]
+ *                      [--upstream-tls-certificates DIR]
  *
- * URI is nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT.
+ * URI is nbd[s]+unix:///EXPORT?socket=PATH or nbd[s]://HOST[:PORT]/EXPORT.
  */
 #include <getopt.h>
 
@@ -46,9 +59,13 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
+#include <unistd.h>
+
 #include <boost/asio.hpp>
+#include <boost/asio/ssl.hpp>
 
 #include <nbdkit-async.hpp>
 
@@ -77,10 +94,13 @@ constexpr uint32_t STRUCTURED_REPLY_MAGIC = 0x668e33ef;
 constexpr uint16_t FLAG_FIXED_NEWSTYLE = 1 << 0;     /* handshake flags */
 constexpr uint16_t FLAG_NO_ZEROES = 1 << 1;
 
+constexpr uint32_t OPT_STARTTLS = 5;
 constexpr uint32_t OPT_GO = 7;
 constexpr uint32_t OPT_STRUCTURED_REPLY = 8;
+constexpr uint32_t OPT_SET_META_CONTEXT = 10;
 constexpr uint32_t REP_ACK = 1;
 constexpr uint32_t REP_INFO = 3;
+constexpr uint32_t REP_META_CONTEXT = 4;
 constexpr uint32_t REP_ERR_UNSUP = (1u << 31) + 1;
 constexpr uint16_t INFO_EXPORT = 0;
 
@@ -99,16 +119,25 @@ constexpr uint16_t CMD_FLUSH = 3;
 constexpr uint16_t CMD_TRIM = 4;
 constexpr uint16_t CMD_CACHE = 5;
 constexpr uint16_t CMD_WRITE_ZEROES = 6;
+constexpr uint16_t CMD_BLOCK_STATUS = 7;
 constexpr uint16_t CMD_FLAG_FUA = 1 << 0;
 constexpr uint16_t CMD_FLAG_NO_HOLE = 1 << 1;
+constexpr uint16_t CMD_FLAG_REQ_ONE = 1 << 3;
 
 constexpr uint16_t REPLY_FLAG_DONE = 1 << 0;
 constexpr uint16_t REPLY_TYPE_NONE = 0;
 constexpr uint16_t REPLY_TYPE_OFFSET_DATA = 1;
 constexpr uint16_t REPLY_TYPE_OFFSET_HOLE = 2;
+constexpr uint16_t REPLY_TYPE_BLOCK_STATUS = 5;
 constexpr uint16_t REPLY_TYPE_ERROR_BIT = 1 << 15;   /* all error chunks */
 
 constexpr uint32_t NBD_EIO = 5;
+
+constexpr const char *BASE_ALLOCATION = "base:allocation";
+/* NBD_STATE_HOLE and NBD_STATE_ZERO are NBDKIT_EXTENT_HOLE and _ZERO. */
+constexpr uint32_t STATE_MASK = NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO;
+/* A block status chunk we accept: context id + up to 1M descriptors. */
+constexpr uint32_t MAX_BLOCK_STATUS = 4 + 8 * (1u << 20);
 
 /* NBD error values are a fixed set; the host's errno may differ. */
 inline int to_errno(uint32_t nbd_error)
@@ -157,6 +186,7 @@ inline void put(std::vector<unsigned char> &out, uint64_t v, int bytes)
  * Where the upstream is: parsed from an NBD URI.
  */
 struct upstream_address {
+  bool tls = false;               /* nbds: STARTTLS, required */
   std::string export_name;
   std::string socket_path;        /* nbd+unix:// */
   std::string host, port;         /* nbd:// */
@@ -181,14 +211,21 @@ static upstream_address parse_uri(const std::string &uri)
 {
   upstream_address a;
   std::string rest, query;
-  if (uri.rfind("nbd+unix://", 0) == 0)
-    rest = uri.substr(11);
-  else if (uri.rfind("nbd://", 0) == 0)
-    rest = uri.substr(6);
-  else
-    throw std::invalid_argument("unsupported upstream URI (want nbd:// or "
-                                "nbd+unix://): " + uri);
-  bool is_unix = uri[3] == '+';
+  bool is_unix = false, matched = false;
+  for (const char *scheme : { "nbd://", "nbds://", "nbd+unix://",
+                              "nbds+unix://" }) {
+    std::string prefix(scheme);
+    if (uri.rfind(prefix, 0) == 0) {
+      rest = uri.substr(prefix.size());
+      a.tls = prefix[3] == 's';
+      is_unix = prefix.find("+unix") != std::string::npos;
+      matched = true;
+      break;
+    }
+  }
+  if (!matched)
+    throw std::invalid_argument("unsupported upstream URI (want nbd[s]:// or "
+                                "nbd[s]+unix://): " + uri);
   if (auto q = rest.find('?'); q != std::string::npos) {
     query = rest.substr(q + 1);
     rest.resize(q);
@@ -207,7 +244,7 @@ static upstream_address parse_uri(const std::string &uri)
       pos = end + 1;
     }
     if (!authority.empty() || a.socket_path.empty())
-      throw std::invalid_argument("want nbd+unix:///EXPORT?socket=PATH: " +
+      throw std::invalid_argument("want nbd[s]+unix:///EXPORT?socket=PATH: " +
                                   uri);
     return a;
   }
@@ -251,15 +288,27 @@ struct request {
   std::array<unsigned char, 28> header{};
   uint32_t error = 0;              /* from an error chunk */
   uint64_t received = 0;           /* READ bytes received so far */
+  std::vector<std::pair<uint64_t, uint64_t>> holes; /* READ: (offset from
+                                      the request's, length) */
+  std::vector<nbdkit_extent> extents; /* BLOCK_STATUS: the answer */
 };
 
 struct export_info {
   uint64_t size = 0;
   uint16_t flags = 0;              /* transmission flags */
+  bool block_status = false;       /* base:allocation agreed */
   bool operator==(const export_info &o) const
   {
-    return size == o.size && flags == o.flags;
+    return size == o.size && flags == o.flags &&
+           block_status == o.block_status;
   }
+};
+
+/* Upstream TLS: a context shared by the connections, and the name the
+ * server's certificate must carry (and SNI, unless it is an address). */
+struct upstream_tls {
+  asio::ssl::context context{asio::ssl::context::tls_client};
+  std::string hostname;
 };
 
 /* ---------------------------------------------------------------------
@@ -281,12 +330,14 @@ public:
   using status_fn = std::function<void(const export_info *info,
                                        const std::string &error)>;
 
+  /* `tls` (null: plaintext) must outlive the connection. */
   upstream(asio::thread_pool &pool, int index,
            std::vector<endpoint> endpoints, std::string export_name,
-           status_fn on_status)
+           upstream_tls *tls, status_fn on_status)
     : strand_(asio::make_strand(pool)), socket_(strand_), timer_(strand_),
       index_(index), endpoints_(std::move(endpoints)),
-      export_name_(std::move(export_name)), on_status_(std::move(on_status))
+      export_name_(std::move(export_name)), tls_config_(tls),
+      on_status_(std::move(on_status))
   {
   }
 
@@ -322,6 +373,9 @@ private:
   void connect()
   {
     state_ = state::connecting;
+    /* A fresh TLS session per connection; handlers of the old one keep it
+     * alive until they have run (see tls_read). */
+    tls_.reset();
     /* One deadline covers connect and handshake. */
     timer_.expires_after(10s);
     timer_.async_wait([this, epoch = epoch_](error_code ec) {
@@ -354,14 +408,92 @@ private:
       out_.clear();
       wire::put(out_, wire::FLAG_FIXED_NEWSTYLE |
                       (hflags & wire::FLAG_NO_ZEROES), 4);
-      add_option(wire::OPT_STRUCTURED_REPLY, {});
-      write(asio::buffer(out_), [this] {
-        /* Acked or refused, both reply kinds are handled below; with
-         * structured replies an upstream read error cannot force a hard
-         * disconnect, and reads may come back in chunks (or holes). */
-        read_option_reply(wire::OPT_STRUCTURED_REPLY,
-                          [this](uint32_t) { go(); });
+      if (tls_config_ == nullptr)
+        return write(asio::buffer(out_), [this] { negotiate(); });
+      add_option(wire::OPT_STARTTLS, {});
+      write(asio::buffer(out_), [this] { starttls(); });
+    });
+  }
+
+  /* NBD_OPT_STARTTLS acked: the TLS handshake, then everything again. */
+  void starttls()
+  {
+    read_option_reply(wire::OPT_STARTTLS, [this](uint32_t type) {
+      if (type != wire::REP_ACK)
+        return fail("the upstream refused NBD_OPT_STARTTLS");
+      auto stream = std::make_shared<tls_stream>(socket_,
+                                                 tls_config_->context);
+      const std::string &host = tls_config_->hostname;
+      error_code ec;
+      asio::ip::make_address(host, ec);
+      if (ec && !SSL_set_tlsext_host_name(stream->native_handle(),
+                                          host.c_str()))
+        return fail("cannot set the TLS server name");
+      stream->set_verify_mode(asio::ssl::verify_peer);
+      stream->set_verify_callback(asio::ssl::host_name_verification(host));
+      stream->async_handshake(asio::ssl::stream_base::client,
+                              [this, epoch = epoch_, stream](error_code ec) {
+        if (epoch != epoch_)
+          return;
+        if (ec)
+          return fail("TLS handshake with the upstream: " + ec.message());
+        tls_ = stream;
+        negotiate();
       });
+    });
+  }
+
+  /* Structured replies, then (if agreed) base:allocation, then GO. */
+  void negotiate()
+  {
+    out_.clear();
+    add_option(wire::OPT_STRUCTURED_REPLY, {});
+    structured_ = false;
+    meta_ok_ = false;
+    write(asio::buffer(out_), [this] {
+      /* Acked or refused, both reply kinds are handled below; with
+       * structured replies an upstream read error cannot force a hard
+       * disconnect, and reads may come back in chunks (or holes). */
+      read_option_reply(wire::OPT_STRUCTURED_REPLY, [this](uint32_t type) {
+        structured_ = type == wire::REP_ACK;
+        if (structured_)
+          return set_meta_context();
+        go();
+      });
+    });
+  }
+
+  /* NBD_OPT_SET_META_CONTEXT base:allocation: used only if the upstream
+   * answers with a context id for it; refusal is no error. */
+  void set_meta_context()
+  {
+    std::vector<unsigned char> data;
+    wire::put(data, export_name_.size(), 4);
+    data.insert(data.end(), export_name_.begin(), export_name_.end());
+    wire::put(data, 1, 4);                  /* one query */
+    std::string query = wire::BASE_ALLOCATION;
+    wire::put(data, query.size(), 4);
+    data.insert(data.end(), query.begin(), query.end());
+    out_.clear();
+    add_option(wire::OPT_SET_META_CONTEXT, data);
+    write(asio::buffer(out_), [this] { read_meta_replies(); });
+  }
+
+  void read_meta_replies()
+  {
+    read_option_reply(wire::OPT_SET_META_CONTEXT, [this](uint32_t type) {
+      if (type == wire::REP_META_CONTEXT) {
+        if (payload_.size() > 4 &&
+            std::string(payload_.begin() + 4, payload_.end()) ==
+              wire::BASE_ALLOCATION) {
+          meta_id_ = wire::get32(payload_.data());
+          meta_ok_ = true;
+        }
+        return read_meta_replies();         /* ACK (or error) follows */
+      }
+      if (type != wire::REP_ACK)
+        meta_ok_ = false;                   /* refused: no block status */
+      go();
     });
   }
 
@@ -390,8 +522,10 @@ private:
         }
         return read_go_replies();           /* more replies follow */
       }
-      if (type == wire::REP_ACK && got_info_)
+      if (type == wire::REP_ACK && got_info_) {
+        info_.block_status = meta_ok_;
         return now_ready();
+      }
       std::string why = type == wire::REP_ERR_UNSUP
         ? "the server does not support NBD_OPT_GO"
         : "export \"" + export_name_ + "\" refused";
@@ -450,6 +584,10 @@ private:
       r->op.reply_error(EIO);               /* went down meanwhile */
       return;
     }
+    if (r->cmd == wire::CMD_BLOCK_STATUS && !meta_ok_) {
+      r->op.reply_error(ENOTSUP);           /* lost across a reconnect */
+      return;
+    }
     r->cookie = next_cookie_++;
     unsigned char *p = r->header.data();
     p = wire::put(p, wire::REQUEST_MAGIC, 4);
@@ -500,7 +638,10 @@ private:
     wire::put(out_, 0, 4);                  /* length */
     error_code ec;
     socket_.non_blocking(true, ec);
-    socket_.write_some(asio::buffer(out_), ec);
+    if (tls_)
+      asio::write(*tls_, asio::buffer(out_), ec);
+    else
+      socket_.write_some(asio::buffer(out_), ec);
   }
 
   /* -- transmission: replies in ------------------------------------- */
@@ -570,10 +711,28 @@ private:
     if (type == wire::REPLY_TYPE_OFFSET_HOLE && is_read && length == 12) {
       return read(asio::buffer(in_, 12), [this, r, next] {
         uint32_t n = wire::get32(in_ + 8);
-        char *dst = place(r, wire::get64(in_), n);
+        uint64_t offset = wire::get64(in_);
+        char *dst = place(r, offset, n);
         if (dst == nullptr)
           return;
-        std::memset(dst, 0, n);
+        std::memset(dst, 0, n);             /* the buffer reads as zeroes */
+        if (n > 0)
+          r->holes.emplace_back(offset - r->offset, n);
+        next();
+      });
+    }
+    if (type == wire::REPLY_TYPE_BLOCK_STATUS &&
+        r->cmd == wire::CMD_BLOCK_STATUS && length >= 12 &&
+        (length - 4) % 8 == 0 && length <= wire::MAX_BLOCK_STATUS) {
+      payload_.resize(length);
+      return read(asio::buffer(payload_), [this, r, next] {
+        if (wire::get32(payload_.data()) != meta_id_)
+          return fail("block status for a context never agreed");
+        r->extents.clear();
+        for (std::size_t i = 4; i + 8 <= payload_.size(); i += 8)
+          r->extents.push_back(nbdkit_extent{
+            wire::get32(&payload_[i]),
+            wire::get32(&payload_[i + 4]) & wire::STATE_MASK });
         next();
       });
     }
@@ -622,10 +781,38 @@ private:
     if (done->error == 0 && done->cmd == wire::CMD_READ &&
         done->received != done->count)
       done->error = wire::NBD_EIO;          /* success without all the data */
+    if (done->error == 0 && done->cmd == wire::CMD_BLOCK_STATUS &&
+        done->extents.empty())
+      done->error = wire::NBD_EIO;          /* success without extents */
     if (done->error)
       done->op.reply_error(wire::to_errno(done->error));
+    else if (done->cmd == wire::CMD_BLOCK_STATUS)
+      done->op.reply_extents(done->extents);
+    else if (done->cmd == wire::CMD_READ && !done->holes.empty())
+      done->op.reply_read_extents(read_extents(*done));
     else
       done->op.reply();
+  }
+
+  /* A read's data and holes as extents covering exactly its count. */
+  static std::vector<nbdkit_extent> read_extents(request &r)
+  {
+    std::sort(r.holes.begin(), r.holes.end());
+    std::vector<nbdkit_extent> out;
+    uint64_t pos = 0;
+    for (auto [offset, n] : r.holes) {
+      if (offset + n <= pos)
+        continue;                           /* overlaps what we have */
+      if (offset > pos)
+        out.push_back(nbdkit_extent{ offset - pos, 0 });
+      else
+        n -= pos - offset, offset = pos;
+      out.push_back(nbdkit_extent{ n, NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO });
+      pos = offset + n;
+    }
+    if (pos < r.count)
+      out.push_back(nbdkit_extent{ r.count - pos, 0 });
+    return out;
   }
 
   /* -- errors and reconnection -------------------------------------- */
@@ -691,15 +878,32 @@ private:
       next();
     };
   }
+  /* Over TLS once it is up. A TLS handler holds the session it runs on:
+   * after a reconnect the old session lives until its last (stale)
+   * completion has run. */
+  template <class Handler>
+  auto keep_tls(Handler h)
+  {
+    return [keep = tls_, h = std::move(h)](error_code ec,
+                                           std::size_t n) mutable {
+      h(ec, n);
+    };
+  }
   template <class Buffers, class Next>
   void read(const Buffers &b, Next next)
   {
-    asio::async_read(socket_, b, checked(std::move(next)));
+    if (tls_)
+      asio::async_read(*tls_, b, keep_tls(checked(std::move(next))));
+    else
+      asio::async_read(socket_, b, checked(std::move(next)));
   }
   template <class Buffers, class Next>
   void write(const Buffers &b, Next next)
   {
-    asio::async_write(socket_, b, checked(std::move(next)));
+    if (tls_)
+      asio::async_write(*tls_, b, keep_tls(checked(std::move(next))));
+    else
+      asio::async_write(socket_, b, checked(std::move(next)));
   }
 
   std::string name() const { return "upstream #" + std::to_string(index_); }
@@ -707,12 +911,16 @@ private:
   static constexpr std::chrono::milliseconds initial_backoff = 50ms;
   static constexpr std::chrono::milliseconds max_backoff = 1000ms;
 
+  using tls_stream = asio::ssl::stream<asio::generic::stream_protocol::socket &>;
+
   asio::strand<asio::thread_pool::executor_type> strand_;
   asio::generic::stream_protocol::socket socket_;
+  std::shared_ptr<tls_stream> tls_; /* set once TLS is up */
   asio::steady_timer timer_;       /* handshake deadline, then backoff */
   const int index_;
   const std::vector<endpoint> endpoints_;
   const std::string export_name_;
+  upstream_tls *const tls_config_;
   const status_fn on_status_;
 
   state state_ = state::down;
@@ -723,6 +931,9 @@ private:
   std::chrono::milliseconds backoff_ = initial_backoff;
 
   bool got_info_ = false;
+  bool structured_ = false;        /* structured replies agreed */
+  bool meta_ok_ = false;           /* base:allocation agreed, as: */
+  uint32_t meta_id_ = 0;
   export_info info_;
   std::optional<export_info> first_info_;
 
@@ -742,9 +953,13 @@ private:
  */
 class gateway {
 public:
-  gateway(const upstream_address &addr, unsigned threads, unsigned connections)
+  /* `tls_certificates`: the directory for an nbds:// upstream. */
+  gateway(const upstream_address &addr, unsigned threads, unsigned connections,
+          const std::string &tls_certificates)
     : pool_(threads), addr_(addr), connections_(connections)
   {
+    if (addr_.tls)
+      tls_ = make_tls(tls_certificates);
   }
 
   /* Joins the pool: no thread touches an op or an upstream afterwards. */
@@ -787,6 +1002,9 @@ public:
   bool can_trim() const { return info_.flags & wire::TF_SEND_TRIM; }
   bool can_zero() const { return info_.flags & wire::TF_SEND_WRITE_ZEROES; }
   bool can_cache() const { return info_.flags & wire::TF_SEND_CACHE; }
+  /* Asked once, by the server's constructor: block status is offered
+   * downstream when the upstream agreed to base:allocation. */
+  bool can_extents() const { return info_.block_status; }
   nbdkit::fua_mode can_fua() const
   {
     return info_.flags & wire::TF_SEND_FUA ? nbdkit::fua_mode::native
@@ -839,6 +1057,12 @@ public:
     forward(make(std::move(op), wire::CMD_CACHE, count, offset, 0));
   }
 
+  void extents(nbdkit::op op, uint32_t count, uint64_t offset, uint32_t flags)
+  {
+    uint16_t f = flags & NBDKIT_FLAG_REQ_ONE ? wire::CMD_FLAG_REQ_ONE : 0;
+    forward(make(std::move(op), wire::CMD_BLOCK_STATUS, count, offset, f));
+  }
+
   /* No cancel(): NBD cannot take back a request already sent, and the
    * library keeps a cancelled op's buffer valid until we answer, so a
    * cancelled op simply finishes. A hung upstream cannot hold up shutdown
@@ -877,6 +1101,31 @@ private:
     r->op.reply_error(EIO);
   }
 
+  /* The client side of upstream TLS: verify the server against
+   * DIR/ca-cert.pem; present DIR/client-cert.pem and client-key.pem if
+   * both exist (for servers that verify clients). */
+  std::unique_ptr<upstream_tls> make_tls(const std::string &dir)
+  {
+    if (dir.empty())
+      throw std::invalid_argument("an nbds:// upstream needs "
+                                  "--upstream-tls-certificates DIR");
+    auto t = std::make_unique<upstream_tls>();
+    t->context.set_options(asio::ssl::context::default_workarounds |
+                           asio::ssl::context::no_sslv2 |
+                           asio::ssl::context::no_sslv3 |
+                           asio::ssl::context::no_tlsv1 |
+                           asio::ssl::context::no_tlsv1_1);
+    t->context.set_verify_mode(asio::ssl::verify_peer);
+    t->context.load_verify_file(dir + "/ca-cert.pem");
+    std::string cert = dir + "/client-cert.pem", key = dir + "/client-key.pem";
+    if (access(cert.c_str(), R_OK) == 0 && access(key.c_str(), R_OK) == 0) {
+      t->context.use_certificate_chain_file(cert);
+      t->context.use_private_key_file(key, asio::ssl::context::pem);
+    }
+    t->hostname = addr_.socket_path.empty() ? addr_.host : "localhost";
+    return t;
+  }
+
   std::vector<upstream::endpoint> resolve()
   {
     if (!addr_.socket_path.empty())
@@ -903,12 +1152,13 @@ private:
       });
     };
     upstreams_.push_back(std::make_unique<upstream>(
-      pool_, index, endpoints_, addr_.export_name, on_status));
+      pool_, index, endpoints_, addr_.export_name, tls_.get(), on_status));
     upstreams_.back()->start();
   }
 
   asio::thread_pool pool_;         /* first: joined before the rest goes */
   upstream_address addr_;
+  std::unique_ptr<upstream_tls> tls_; /* nbds:// only */
   std::size_t connections_;
   std::vector<upstream::endpoint> endpoints_;
   std::vector<std::unique_ptr<upstream>> upstreams_;
@@ -925,15 +1175,20 @@ private:
   std::cerr << "usage: asio-gateway [--unix PATH] [--tcp HOST:PORT]"
                " --upstream URI\n"
                "                    [--threads N] [--upstream-connections N]\n"
-               "URI: nbd+unix:///EXPORT?socket=PATH"
-               " or nbd://HOST[:PORT]/EXPORT\n";
+               "                    [--tls=off|on|require]"
+               " [--tls-certificates DIR]\n"
+               "                    [--upstream-tls-certificates DIR]\n"
+               "URI: nbd[s]+unix:///EXPORT?socket=PATH"
+               " or nbd[s]://HOST[:PORT]/EXPORT\n";
   std::exit(EXIT_FAILURE);
 }
 
 int main(int argc, char *argv[])
 {
-  std::string unix_path, tcp, upstream_uri;
+  std::string unix_path, tcp, upstream_uri, tls_certificates,
+    upstream_tls_certificates;
   long threads = 2, connections = 2;
+  auto tls = nbdkit::server::tls_mode::off;
 
   static const option opts[] = {
     { "unix", required_argument, nullptr, 'u' },
@@ -941,6 +1196,9 @@ int main(int argc, char *argv[])
     { "upstream", required_argument, nullptr, 'U' },
     { "threads", required_argument, nullptr, 'T' },
     { "upstream-connections", required_argument, nullptr, 'c' },
+    { "tls", required_argument, nullptr, 'S' },
+    { "tls-certificates", required_argument, nullptr, 'C' },
+    { "upstream-tls-certificates", required_argument, nullptr, 'A' },
     { nullptr, 0, nullptr, 0 },
   };
   for (int c; (c = getopt_long(argc, argv, "", opts, nullptr)) != -1;) {
@@ -950,24 +1208,45 @@ int main(int argc, char *argv[])
     case 'U': upstream_uri = optarg; break;
     case 'T': threads = std::atol(optarg); break;
     case 'c': connections = std::atol(optarg); break;
+    case 'S':
+      if (std::strcmp(optarg, "off") == 0)
+        tls = nbdkit::server::tls_mode::off;
+      else if (std::strcmp(optarg, "on") == 0)
+        tls = nbdkit::server::tls_mode::allow;
+      else if (std::strcmp(optarg, "require") == 0)
+        tls = nbdkit::server::tls_mode::require;
+      else
+        usage();
+      break;
+    case 'C': tls_certificates = optarg; break;
+    case 'A': upstream_tls_certificates = optarg; break;
     default: usage();
     }
   }
   if (optind != argc || upstream_uri.empty() || threads < 1 ||
       connections < 1 || connections > 64)
     usage();
+  if (tls != nbdkit::server::tls_mode::off && tls_certificates.empty()) {
+    warn("--tls=on|require needs --tls-certificates DIR");
+    usage();
+  }
+  /* What we print: nbds when clients must use TLS. */
+  const char *scheme =
+    tls == nbdkit::server::tls_mode::require ? "nbds" : "nbd";
   if (unix_path.empty() && tcp.empty())
     tcp = "127.0.0.1:10809";
 
   try {
     gateway gw(parse_uri(upstream_uri), static_cast<unsigned>(threads),
-               static_cast<unsigned>(connections));
+               static_cast<unsigned>(connections), upstream_tls_certificates);
     gw.start();
 
     nbdkit::server srv(gw, "asio-gateway");
     srv.export_description("NBD gateway to " + upstream_uri);
     /* An upstream that stops answering must not stall our shutdown. */
     srv.shutdown_grace(5s);
+    if (tls != nbdkit::server::tls_mode::off)
+      srv.tls_certificates(tls_certificates).tls(tls);
 
     /* Before the URI is printed: whoever reads it may signal us at once. */
     asio::signal_set signals(gw.pool(), SIGINT, SIGTERM);
@@ -978,7 +1257,7 @@ int main(int argc, char *argv[])
 
     if (!unix_path.empty()) {
       srv.listen_unix(unix_path);
-      std::cout << "nbd+unix:///?socket=" << unix_path << std::endl;
+      std::cout << scheme << "+unix:///?socket=" << unix_path << std::endl;
     }
     if (!tcp.empty()) {
       auto colon = tcp.rfind(':');
@@ -987,7 +1266,7 @@ int main(int argc, char *argv[])
       std::string host = tcp.substr(0, colon);
       auto port = srv.listen_tcp(host, static_cast<uint16_t>(
                                    std::atoi(tcp.c_str() + colon + 1)));
-      std::cout << "nbd://" << host << ":" << port << "/" << std::endl;
+      std::cout << scheme << "://" << host << ":" << port << "/" << std::endl;
     }
 
     int rc = EXIT_SUCCESS;

@@ -5,8 +5,8 @@
  * the full contract; the rules below are the same rules in C++ words):
  *
  *   nbdkit::op      one NBD request in flight, move-only. Answer it once
- *                   with reply(), reply_read() or reply_error(), from any
- *                   thread. Destroyed unanswered, it answers EIO and logs.
+ *                   with reply(), reply_read(), reply_read_extents(),
+ *                   reply_extents() or reply_error(), from any thread. Destroyed unanswered, it answers EIO and logs.
  *
  *   plugin class    any class of yours with the member functions below; a
  *                   member you define is offered to clients, one you leave
@@ -41,18 +41,31 @@
  *               uint32_t flags);
  *     void cache(nbdkit::op op, uint32_t count, uint64_t offset,
  *                uint32_t flags);
+ *     void extents(nbdkit::op op, uint32_t count, uint64_t offset,
+ *                  uint32_t flags);
  *     void cancel(nbdkit::op_id id);
  *     void open(bool readonly, std::string_view export_name);
  *     void close();
  *     bool can_write();  bool can_flush();  bool can_trim();  bool can_zero();
  *     bool can_multi_conn();  bool can_cache();
  *     nbdkit::fua_mode can_fua();
+ *     bool can_extents();
  *   };
  *
  * I/O members take the op by value: it is theirs. `buf` belongs to the
  * library and stays valid until the op is answered (fill it, then reply();
  * or reply_read() from a buffer of your own). `flags` holds NBDKIT_FLAG_FUA
- * (only if can_fua() says native) and, for zero, NBDKIT_FLAG_MAY_TRIM.
+ * (only if can_fua() says native), for zero NBDKIT_FLAG_MAY_TRIM, and for
+ * extents NBDKIT_FLAG_REQ_ONE.
+ *
+ * extents (block status, the base:allocation meta context) is answered
+ * with reply_extents(): runs of (length, NBDKIT_EXTENT_HOLE/ZERO flags)
+ * from the op's offset. A pread may answer reply_read_extents() to say
+ * which parts of its (filled, zeroed there) buffer are holes.
+ * can_extents() differs from the other can_*: the C API has no such
+ * callback (the library offers base:allocation exactly when `extents`
+ * exists), so it is asked once, when the server is constructed; false
+ * leaves extents out as if it were not defined.
  *
  * can_* answer once per client connection; left out, the answer follows
  * from which I/O members exist (can_write: pwrite defined, and so on).
@@ -86,6 +99,7 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -217,6 +231,34 @@ public:
     return nbdkit_reply_read(raw, data, static_cast<uint32_t>(count));
   }
 
+  /* Success of a block-status op: `n` extents following each other from
+   * the op's offset (copied before it returns; the library trims them to
+   * the request). */
+  int reply_extents(const nbdkit_extent *extents, std::size_t n) noexcept
+  {
+    nbdkit_op *raw = take("reply_extents");
+    return raw ? nbdkit_reply_extents(raw, extents, n) : -EINVAL;
+  }
+  template <class Container>
+  int reply_extents(const Container &extents) noexcept
+  {
+    return reply_extents(std::data(extents), std::size(extents));
+  }
+
+  /* Success of a read whose buffer holds the data, with the extents
+   * flagged NBDKIT_EXTENT_ZERO sent as holes (they must read as zeroes in
+   * the buffer too). The extents cover exactly the read's count. */
+  int reply_read_extents(const nbdkit_extent *extents, std::size_t n) noexcept
+  {
+    nbdkit_op *raw = take("reply_read_extents");
+    return raw ? nbdkit_reply_read_extents(raw, extents, n) : -EINVAL;
+  }
+  template <class Container>
+  int reply_read_extents(const Container &extents) noexcept
+  {
+    return reply_read_extents(std::data(extents), std::size(extents));
+  }
+
   /* Failure with a host errno (EIO, ENOSPC, EPERM, ...). */
   int reply_error(int errnum) noexcept
   {
@@ -289,6 +331,8 @@ NBDKIT_DETAIL_HAS(flush)
 NBDKIT_DETAIL_HAS(trim)
 NBDKIT_DETAIL_HAS(zero)
 NBDKIT_DETAIL_HAS(cache)
+NBDKIT_DETAIL_HAS(extents)
+NBDKIT_DETAIL_HAS(can_extents)
 NBDKIT_DETAIL_HAS(cancel)
 #undef NBDKIT_DETAIL_HAS
 
@@ -425,6 +469,14 @@ struct adaptor {
     });
   }
 
+  static int extents(nbdkit_op *o, void *h, uint32_t count, uint64_t offset,
+                     uint32_t flags) noexcept
+  {
+    return io("extents", [&] {
+      self(h).extents(op(o), count, offset, flags);
+    });
+  }
+
   static void cancel(nbdkit_op *o, void *h) noexcept
   {
     try {
@@ -435,8 +487,9 @@ struct adaptor {
     }
   }
 
-  /* The C struct: a callback for each member P defines, NULL otherwise. */
-  static nbdkit_plugin_lowlevel callbacks(const char *name) noexcept
+  /* The C struct: a callback for each member P defines, NULL otherwise
+   * (extents also NULL when can_extents() says no: it may throw). */
+  static nbdkit_plugin_lowlevel callbacks(const char *name, P &plugin)
   {
     static_assert(has_get_size<P>::value,
                   "a plugin class needs int64_t get_size()");
@@ -463,6 +516,17 @@ struct adaptor {
     if constexpr (has_zero<P>::value) c.zero = zero;
     if constexpr (has_cache<P>::value) c.cache = cache;
     if constexpr (has_cancel<P>::value) c.cancel = cancel;
+    if constexpr (has_extents<P>::value) {
+      bool offer = true;
+      if constexpr (has_can_extents<P>::value)
+        offer = plugin.can_extents();
+      if (offer)
+        c.extents = extents;
+    }
+    else {
+      static_assert(!has_can_extents<P>::value,
+                    "can_extents() without extents()");
+    }
     return c;
   }
 };
@@ -494,7 +558,7 @@ public:
     : name_(std::make_unique<std::string>(std::move(name)))
   {
     const nbdkit_plugin_lowlevel c =
-      detail::adaptor<Plugin>::callbacks(name_->c_str());
+      detail::adaptor<Plugin>::callbacks(name_->c_str(), plugin);
     srv_ = nbdkit_server_new(&c, sizeof c, &plugin);
     if (srv_ == nullptr)
       throw std::system_error(EINVAL, std::generic_category(),
@@ -537,6 +601,31 @@ public:
   {
     detail::check(nbdkit_server_set_export_description(srv_, text.c_str()),
                   "set export description");
+    return *this;
+  }
+  /* TLS (see NBDKIT_TLS_*): a mode other than off needs certificates. */
+  enum class tls_mode : int {
+    off = NBDKIT_TLS_OFF,
+    allow = NBDKIT_TLS_ALLOW,
+    require = NBDKIT_TLS_REQUIRE,
+  };
+  server &tls(tls_mode mode)
+  {
+    detail::check(nbdkit_server_set_tls(srv_, static_cast<int>(mode)),
+                  "set TLS mode");
+    return *this;
+  }
+  /* DIR with ca-cert.pem, server-cert.pem, server-key.pem. */
+  server &tls_certificates(const std::string &dir)
+  {
+    detail::check(nbdkit_server_set_tls_certificates(srv_, dir.c_str()),
+                  "set TLS certificates");
+    return *this;
+  }
+  server &tls_verify_peer(bool verify = true)
+  {
+    detail::check(nbdkit_server_set_tls_verify_peer(srv_, verify),
+                  "set TLS peer verification");
     return *this;
   }
   server &max_inflight(uint32_t ops)

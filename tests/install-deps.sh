@@ -13,6 +13,7 @@ have g++       || need="$need g++"
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need="$need python3-libnbd"
 /usr/bin/python3 -c 'import pytest' 2>/dev/null || need="$need python3-pytest"
 [ -e /usr/include/boost/asio.hpp ] || need="$need libboost-dev"
+[ -e /usr/include/openssl/ssl.h ] || need="$need libssl-dev"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ]; then
     echo "installing:$need"
