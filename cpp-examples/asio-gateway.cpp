@@ -1277,8 +1277,12 @@ int main(int argc, char *argv[])
       warn(e.what());
       rc = EXIT_FAILURE;
     }
-    /* Stop all asio work before srv goes: it frees ops we may hold. */
-    signals.cancel();
+    /* Stop all asio work before srv goes: it frees ops we may hold. We
+     * are exiting anyway: a second signal must not turn that into a kill.
+     */
+    signals.clear();
+    std::signal(SIGINT, SIG_IGN);
+    std::signal(SIGTERM, SIG_IGN);
     gw.stop();
     return rc;
   }

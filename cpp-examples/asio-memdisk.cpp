@@ -207,7 +207,12 @@ int main(int argc, char *argv[])
     /* Returns once shutdown was asked and every op in flight answered. */
     srv.main_loop();
 
-    signals.cancel();  /* the last pending work: now join() can return */
+    /* The last pending work: now join() can return. We are exiting
+     * anyway: a second signal must not turn that into a kill.
+     */
+    signals.clear();
+    std::signal(SIGINT, SIG_IGN);
+    std::signal(SIGTERM, SIG_IGN);
     pool.join();
   }
   catch (const std::exception &e) {

@@ -36,6 +36,8 @@ from pathlib import Path
 import nbd
 import pytest
 
+from support import proc_status, stop_all, tool_env
+
 ROOT = Path(__file__).resolve().parent.parent
 MEMDISK = ROOT / "build" / "memdisk"
 
@@ -107,11 +109,7 @@ class Memdisk:
 
     def threads(self):
         """The Threads: count of the server from /proc/PID/status."""
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("Threads:"):
-                    return int(line.split()[1])
-        raise AssertionError("no Threads: line in /proc/PID/status")
+        return proc_status(self.pid, "Threads")
 
     def send_signal(self, sig):
         if self.alive():
@@ -182,14 +180,14 @@ def _server_env(request, log):
     return env
 
 
-@pytest.fixture
-def memdisk(tmp_path, request):
-    """Factory: memdisk(*extra_args, size=..., unix=True, tcp=None, log=None).
+def check_unix_uri(uri, sock):
+    assert uri.startswith("nbd+unix://"), uri
+    assert f"socket={sock}" in uri, (uri, sock)
 
-    `size` is always passed (never rely on the default).  `tcp` is a
-    HOST:PORT for --tcp; with unix=False only TCP is used.  Returns a
-    Memdisk, which unpacks as (uri, socket path, process).
-    """
+
+def memdisk_factory(tmp_path, request, check_uri=check_unix_uri):
+    """The body of the `memdisk` fixture (a generator to `yield from`);
+    check_uri(uri, sock) checks the URI a Unix-socket server prints."""
     servers = []
     request.node._memdisk_servers = servers
     counter = [0]
@@ -244,8 +242,7 @@ def memdisk(tmp_path, request):
         srv.uris = [line.strip() for line in lines]
         srv.uri = srv.uris[0]
         if unix:
-            assert srv.uri.startswith("nbd+unix://"), srv.uri
-            assert f"socket={sock}" in srv.uri, (srv.uri, sock)
+            check_uri(srv.uri, sock)
         return srv
 
     def watchdog():
@@ -261,16 +258,18 @@ def memdisk(tmp_path, request):
         yield start
     finally:
         timer.cancel()
-        failures = []
-        for srv in servers:
-            try:
-                srv.stop()
-            except AssertionError as e:
-                failures.append(str(e))
-            finally:
-                srv.cleanup_dir()
-        if failures:
-            pytest.fail("\n\n".join(failures), pytrace=False)
+        stop_all(servers, cleanup=Memdisk.cleanup_dir)
+
+
+@pytest.fixture
+def memdisk(tmp_path, request):
+    """Factory: memdisk(*extra_args, size=..., unix=True, tcp=None, log=None).
+
+    `size` is always passed (never rely on the default).  `tcp` is a
+    HOST:PORT for --tcp; with unix=False only TCP is used.  Returns a
+    Memdisk, which unpacks as (uri, socket path, process).
+    """
+    yield from memdisk_factory(tmp_path, request)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -335,14 +334,10 @@ def expect_nbd_errno(errnum, fn, *args, **kwargs):
 def run_tool(argv, srv=None, timeout=TOOL_TIMEOUT, check=True):
     """Run an external client; on failure show its output and the server's
     stderr."""
-    # Debian's tools want Debian's python3 (nbdsh runs `python3 -m nbd`),
-    # not whatever python3 comes first in the caller's PATH.
-    env = dict(os.environ)
-    env["PATH"] = "/usr/bin:/bin:" + env.get("PATH", "")
     try:
         p = subprocess.run([str(a) for a in argv], stdin=subprocess.DEVNULL,
                            capture_output=True, text=True, timeout=timeout,
-                           env=env)
+                           env=tool_env())
     except subprocess.TimeoutExpired as e:
         raise AssertionError(
             f"{argv} did not finish within {timeout:.0f} s\n"

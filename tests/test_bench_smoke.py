@@ -13,6 +13,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from conftest import ROOT, require_memdisk
+from support import tool_env
 
 RUN_PY = ROOT / "bench" / "run.py"
 SERVERS = ["memdisk", "nbdkit-t16", "nbdkit-tqd", "qemu-nbd"]
@@ -45,12 +46,10 @@ def processes_mentioning(text):
 def test_bench_tiny_run(tmp_path):
     require_memdisk()
     out = tmp_path / "results"
-    env = dict(os.environ)
-    env["PATH"] = "/usr/bin:/bin:" + env.get("PATH", "")
     p = subprocess.run(["/usr/bin/python3", str(RUN_PY), "--tiny",
                         "--out", str(out)],
                        cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True,
-                       text=True, timeout=120, env=env)
+                       text=True, timeout=120, env=tool_env())
     assert p.returncode == 0, (
         f"bench/run.py --tiny exited {p.returncode}\n"
         f"stdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}")

@@ -15,24 +15,18 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 import nbd
 
-ROOT = Path(__file__).resolve().parent.parent
-INCLUDE = ROOT / "include"
-STATICLIB = ROOT / "target" / "release" / "libnbdkit_async.a"
-HARNESS_SRC = ROOT / "tests" / "c" / "api_harness.c"
-CC = os.environ.get("CC", "cc")
-CFLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-g", "-I", str(INCLUDE), "-pthread"]
-LIBS = [str(STATICLIB), "-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl"]
+from support import (ASAN_FLAGS, C_DIR, HarnessProcess, compile_c_harnesses,
+                     noise, pattern, wait_aio)
+from support import close_abruptly as close
+
 BUILDS = {
-    "asan": ["-O1", "-fsanitize=address", "-fno-omit-frame-pointer"],
+    "asan": ASAN_FLAGS,
     "plain": ["-O2"],
 }
 
@@ -43,108 +37,32 @@ BAD = DISK - MiB  # thread/inline modes: reads fail ENOMEM, writes EIO from here
 
 SANITIZER_MARKS = ("ERROR: AddressSanitizer", "LeakSanitizer", "HARNESS-ERROR", "panicked")
 
-_PAT = bytes(range(251))
-
-
-def pattern(offset, count):
-    """The harness disk's initial contents at [offset, offset+count)."""
-    start = offset % 251
-    return (_PAT * ((start + count) // 251 + 1))[start:start + count]
-
-
-def noise(seed, count):
-    return bytes((seed * 131 + i * 7 + (i >> 9)) & 0xFF for i in range(count))
-
-
 # ---------------------------------------------------------------- building
 
 @pytest.fixture(scope="session")
 def harness_bins(tmp_path_factory):
     """Compiles the harness once per session, with ASan and plain, in parallel."""
-    if not STATICLIB.is_file():
-        pytest.fail("%s is missing: run `make lib` first" % STATICLIB)
-    if shutil.which(CC) is None:
-        pytest.fail("no C compiler (%s)" % CC)
     out = tmp_path_factory.mktemp("api_harness")
-    procs = {}
-    for name, flags in BUILDS.items():
-        exe = out / ("api_harness-" + name)
-        argv = [CC, *CFLAGS, *flags, "-o", str(exe), str(HARNESS_SRC), *LIBS]
-        procs[name] = (exe, argv, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    bins = {}
-    for name, (exe, argv, p) in procs.items():
-        try:
-            output, _ = p.communicate(timeout=180)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        assert p.returncode == 0, "building the %s harness failed:\n%s\n%s" % (name, " ".join(argv), output)
-        bins[name] = exe
-    return bins
+    return compile_c_harnesses({
+        name: (C_DIR / "api_harness.c", out / ("api_harness-" + name), flags)
+        for name, flags in BUILDS.items()})
 
 
 # ---------------------------------------------------------------- running
 
-class Harness:
+class Harness(HarnessProcess):
     """One api_harness process serving a Unix socket in a private tmp dir."""
 
     def __init__(self, binary, mode, args=(), env=None, wrapper=()):
         self.mode = mode
-        # Short private path: sockaddr_un paths are limited to 107 bytes.
-        self.dir = tempfile.mkdtemp(prefix="nbdka-c-")
-        self.sock = os.path.join(self.dir, "nbd.sock")
-        self.out_path = os.path.join(self.dir, "stdout")
-        self.err_path = os.path.join(self.dir, "stderr")
-        full_env = dict(os.environ)
-        full_env["ASAN_OPTIONS"] = "detect_leaks=1"
-        full_env.update(env or {})
-        self.argv = [*wrapper, str(binary), "--mode", mode, "--unix", self.sock, *args]
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=full_env)
-        self.returncode = None
-
-    def out(self):
-        with open(self.out_path, errors="replace") as f:
-            return f.read()
-
-    def err(self):
-        with open(self.err_path, errors="replace") as f:
-            return f.read()
-
-    def report(self):
-        out = self.out().splitlines()
-        if len(out) > 60:
-            out = out[:10] + ["... (%d lines) ..." % (len(out) - 50)] + out[-40:]
-        return "\n".join([
-            "server: %s" % " ".join(self.argv),
-            "exit status: %s" % (self.proc.poll(),),
-            "--- server stdout", *out,
-            "--- server stderr", self.err(),
-        ])
-
-    def wait_for(self, predicate, timeout, what):
-        deadline = time.monotonic() + timeout
-        while True:
-            if predicate():
-                return
-            if self.proc.poll() is not None:
-                pytest.fail("server exited while waiting for %s\n%s" % (what, self.report()))
-            if time.monotonic() > deadline:
-                pytest.fail("timed out after %ss waiting for %s\n%s" % (timeout, what, self.report()))
-            time.sleep(0.01)
-
-    def wait_ready(self, timeout=10):
-        self.wait_for(lambda: "ready\n" in self.out() and os.path.exists(self.sock), timeout, "ready")
+        super().__init__(binary, args, before=("--mode", mode), prefix="nbdka-c-",
+                         env=env, wrapper=wrapper)
 
     def op_lines(self):
         return [l for l in self.out().splitlines() if l.startswith("op ")]
 
     def wait_ops(self, n, timeout=5):
         self.wait_for(lambda: len(self.op_lines()) >= n, timeout, "%d ops to reach the plugin" % n)
-
-    def count(self, prefix):
-        return sum(1 for l in self.out().splitlines() if l.startswith(prefix))
 
     def connect(self, structured=True):
         h = nbd.NBD()
@@ -154,38 +72,13 @@ class Harness:
         assert h.get_structured_replies_negotiated() == structured
         return h
 
-    def send(self, sig):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def wait_exit(self, timeout):
-        try:
-            self.returncode = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail("server did not exit within %ss\n%s" % (timeout, self.report()))
-        return self.returncode
-
     def stop(self, sig=signal.SIGTERM, timeout=15):
         self.send(sig)
         return self.wait_exit(timeout)
 
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-    def cleanup(self):
-        self.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
     def assert_clean_exit(self):
         """Exit status 0, the loop returned 0, no sanitizer or harness report."""
-        rc = self.proc.poll()
-        err = self.err()
-        assert rc == 0, "server exit status %s\n%s" % (rc, self.report())
-        for mark in SANITIZER_MARKS:
-            assert mark not in err, "%r in server stderr\n%s" % (mark, self.report())
+        self.assert_exit_ok(SANITIZER_MARKS)
         out = self.out()
         assert "main_loop returned 0" in out, self.report()
         assert self.count("open ") == self.count("close "), "a plugin handle was never closed\n" + self.report()
@@ -217,45 +110,11 @@ def build(request):
 
 # ---------------------------------------------------------------- client helpers
 
-def wait_aio(h, cookies, timeout):
-    """Runs h until every cookie completed. Returns {cookie: (seconds, errnum)}
-    where errnum is None on success; seconds are since the call."""
-    t0 = time.monotonic()
-    pending = list(cookies)
-    done = {}
-    while pending:
-        for c in list(pending):
-            try:
-                finished = h.aio_command_completed(c)
-                err = None
-            except nbd.Error as e:
-                finished, err = True, e.errnum
-            if finished:
-                done[c] = (time.monotonic() - t0, err)
-                pending.remove(c)
-        if not pending:
-            break
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError("%d of %d commands still in flight after %ss"
-                                 % (len(pending), len(cookies), timeout))
-        h.poll(20)
-    return done
-
-
 def expect_errno(err, fn, *args, **kwargs):
     with pytest.raises(nbd.Error) as ei:
         fn(*args, **kwargs)
     assert ei.value.errnum == err, "%s: expected %s, got errnum %s (%s)" % (
         fn.__name__, errno.errorcode[err], ei.value.errnum, ei.value)
-
-
-def close(h):
-    """Closes a client handle now (nbd_close: abruptly, without
-    NBD_CMD_DISC). The Python object stays around, emptied, so its own
-    __del__ does not close the handle a second time."""
-    if hasattr(h, "_o"):
-        h.__del__()
-        del h._o
 
 
 def exercise_disk(h, tag):

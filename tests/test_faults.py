@@ -21,28 +21,21 @@ once listening and "op KIND OFFSET COUNT" for every I/O callback.
 
 import errno
 import os
-import shutil
 import signal
 import socket
 import struct
-import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 import nbd
 
-ROOT = Path(__file__).resolve().parent.parent
-STATICLIB = ROOT / "target" / "release" / "libnbdkit_async.a"
-HARNESS_SRC = ROOT / "tests" / "c" / "api_harness.c"
-CC = os.environ.get("CC", "cc")
-CFLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-g",
-          "-I", str(ROOT / "include"), "-pthread",
-          "-O1", "-fsanitize=address", "-fno-omit-frame-pointer"]
-LIBS = [str(STATICLIB), "-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl"]
+from conftest import (CMD_WRITE, IHAVEOPT, OPT_REPLY_MAGIC, REP_ACK,
+                      REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, RawNBD)
+from support import (C_DIR, HarnessProcess, compile_c_harness, noise, pattern,
+                     proc_status, wait_aio)
+from support import close_abruptly as close
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -55,83 +48,20 @@ LATE_REPLY = "late reply after the client was answered; ignored"
 TIMED_OUT = "no reply from the plugin in time"
 DOUBLE_REPLY = "already answered or never existed"
 
-_PAT = bytes(range(251))
-
-
-def pattern(offset, count):
-    """The harness disk's initial contents at [offset, offset+count)."""
-    start = offset % 251
-    return (_PAT * ((start + count) // 251 + 1))[start:start + count]
-
-
-def noise(seed, count):
-    return bytes((seed * 131 + i * 7 + (i >> 9)) & 0xFF for i in range(count))
-
-
 # ---------------------------------------------------------------- harness
 
 @pytest.fixture(scope="module")
 def harness_bin(tmp_path_factory):
     """The ASan build of the harness, compiled once for this module."""
-    if not STATICLIB.is_file():
-        pytest.fail("%s is missing: run `make` first" % STATICLIB)
-    if shutil.which(CC) is None:
-        pytest.fail("no C compiler (%s)" % CC)
-    exe = tmp_path_factory.mktemp("faults") / "api_harness-asan"
-    argv = [CC, *CFLAGS, "-o", str(exe), str(HARNESS_SRC), *LIBS]
-    p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True, timeout=180)
-    assert p.returncode == 0, "building the harness failed:\n%s\n%s" % (
-        " ".join(argv), p.stdout)
-    return exe
+    return compile_c_harness(C_DIR / "api_harness.c",
+                             tmp_path_factory.mktemp("faults") / "api_harness-asan")
 
 
-class Harness:
+class Harness(HarnessProcess):
     """One api_harness process on a Unix socket in a private tmp dir."""
 
     def __init__(self, binary, mode, args=()):
-        self.dir = tempfile.mkdtemp(prefix="nbdka-f-")
-        self.sock = os.path.join(self.dir, "nbd.sock")
-        self.out_path = os.path.join(self.dir, "stdout")
-        self.err_path = os.path.join(self.dir, "stderr")
-        env = dict(os.environ)
-        env["ASAN_OPTIONS"] = "detect_leaks=1"
-        self.argv = [str(binary), "--mode", mode, "--unix", self.sock,
-                     *[str(a) for a in args]]
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                         stdout=out, stderr=err, env=env)
-
-    def out(self):
-        with open(self.out_path, errors="replace") as f:
-            return f.read()
-
-    def err(self):
-        with open(self.err_path, errors="replace") as f:
-            return f.read()
-
-    def report(self):
-        out = self.out().splitlines()
-        if len(out) > 60:
-            out = out[:10] + ["... (%d lines) ..." % (len(out) - 50)] + out[-40:]
-        err = self.err()
-        if len(err) > 20000:
-            err = "<... cut ...>\n" + err[-20000:]
-        return "\n".join(["server: %s" % " ".join(self.argv),
-                          "exit status: %s" % (self.proc.poll(),),
-                          "--- server stdout", *out, "--- server stderr", err])
-
-    def wait_for(self, predicate, timeout, what):
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if self.proc.poll() is not None:
-                pytest.fail("server exited while waiting for %s\n%s" % (what, self.report()))
-            if time.monotonic() > deadline:
-                pytest.fail("timed out after %ss waiting for %s\n%s" % (timeout, what, self.report()))
-            time.sleep(0.01)
-
-    def count(self, prefix):
-        return sum(1 for l in self.out().splitlines() if l.startswith(prefix))
+        super().__init__(binary, args, before=("--mode", mode), prefix="nbdka-f-")
 
     def ops(self):
         return self.count("op ")
@@ -146,43 +76,17 @@ class Harness:
         h.connect_unix(self.sock)
         return h
 
-    def signal(self, sig):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def wait_exit(self, timeout):
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail("server did not exit within %ss\n%s" % (timeout, self.report()))
-
     def rss_kib(self):
-        with open("/proc/%d/status" % self.proc.pid) as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+        return proc_status(self.proc.pid, "VmRSS")
 
     def assert_clean_exit(self):
-        rc = self.proc.poll()
-        assert rc == 0, "server exit status %s\n%s" % (rc, self.report())
-        err = self.err()
-        for mark in BAD_MARKS:
-            assert mark not in err, "%r in server stderr\n%s" % (mark, self.report())
+        err = self.assert_exit_ok(BAD_MARKS)
         assert DOUBLE_REPLY not in err, "an op was answered twice\n" + self.report()
         out = self.out()
         assert "main_loop returned 0" in out, self.report()
         assert "reply-rc" not in out, "a reply call failed\n" + self.report()
         assert self.count("open ") == self.count("close "), (
             "a plugin handle was never closed\n" + self.report())
-
-    def cleanup(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -193,7 +97,7 @@ def start(harness_bin):
     def _start(mode, *args):
         s = Harness(harness_bin, mode, args)
         servers.append(s)
-        s.wait_for(lambda: "ready\n" in s.out() and os.path.exists(s.sock), 10, "ready")
+        s.wait_ready()
         return s
 
     try:
@@ -204,39 +108,6 @@ def start(harness_bin):
 
 
 # ---------------------------------------------------------------- clients
-
-def wait_aio(h, cookies, timeout, t0=None):
-    """Runs h until every cookie completed. Returns {cookie: (seconds, errnum)}
-    where errnum is None on success; seconds are since t0 (default: the
-    call)."""
-    t0 = time.monotonic() if t0 is None else t0
-    pending = list(cookies)
-    done = {}
-    while pending:
-        for c in list(pending):
-            try:
-                finished, err = h.aio_command_completed(c), None
-            except nbd.Error as e:
-                finished, err = True, e.errnum
-            if finished:
-                done[c] = (time.monotonic() - t0, err)
-                pending.remove(c)
-        if not pending:
-            break
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError("%d of %d commands still in flight after %ss"
-                                 % (len(pending), len(cookies), timeout))
-        h.poll(20)
-    return done
-
-
-def close(h):
-    """nbd_close now (abrupt: no NBD_CMD_DISC); the Python object stays
-    around emptied so its __del__ does nothing."""
-    if hasattr(h, "_o"):
-        h.__del__()
-        del h._o
-
 
 def errname(e):
     return errno.errorcode.get(e, str(e)) if e is not None else "ok"
@@ -249,42 +120,18 @@ def assert_all(results, want, what):
 
 # raw protocol, for the memory-cap tests (libnbd does not let a client
 # pipeline beyond what the server reads)
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-OPT_REPLY_MAGIC = 0x0003E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-OPT_GO = 7
-REP_ACK = 1
-CMD_WRITE = 1
 
-
-class Raw:
-    """A blocking fixed-newstyle client with simple replies."""
+class Raw(RawNBD):
+    """conftest's blocking fixed-newstyle client with simple replies, past
+    NBD_OPT_GO."""
 
     def __init__(self, path, timeout=10.0):
-        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.s.settimeout(timeout)
-        self.s.connect(path)
-        assert struct.unpack(">QQH", self.recv(18))[:2] == (NBDMAGIC, IHAVEOPT)
-        self.s.sendall(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, OPT_GO, 6)
-                       + struct.pack(">IH", 0, 0))
-        while True:
-            magic, opt, rtype, n = struct.unpack(">QIII", self.recv(20))
-            assert magic == OPT_REPLY_MAGIC and opt == OPT_GO
-            self.recv(n)
-            if rtype != 3:
-                assert rtype == REP_ACK, hex(rtype)
-                break
+        super().__init__(path, timeout)
+        rtype = self.go()
+        assert rtype == REP_ACK, hex(rtype)
 
     def recv(self, n):
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.s.recv(min(n - len(buf), 1 << 20))
-            if not chunk:
-                raise EOFError("server closed after %d/%d bytes" % (len(buf), n))
-            buf += chunk
-        return bytes(buf)
+        return self.recv_exact(n)
 
     def write_header(self, cookie, offset, length):
         return struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, cookie, offset, length)
@@ -297,9 +144,6 @@ class Raw:
             assert cookie not in out, "two replies for cookie %d" % cookie
             out[cookie] = error
         return out
-
-    def close(self):
-        self.s.close()
 
 
 class Sender(threading.Thread):
@@ -373,7 +217,7 @@ def test_request_timeout_and_late_reply(start):
     assert srv.ops() == n_ops, srv.report()
 
     # The plugin answers now, far too late: logged, ignored, no stray reply.
-    srv.signal(signal.SIGUSR1)
+    srv.send(signal.SIGUSR1)
     srv.wait_for(lambda: srv.err().count(LATE_REPLY) >= n_ops, 10,
                  "%d late replies to be logged" % n_ops)
     assert h1.aio_in_flight() == 0 and h2.aio_in_flight() == 0
@@ -393,7 +237,7 @@ def test_request_timeout_and_late_reply(start):
     for h in (h1, h2):
         h.shutdown()
         close(h)
-    srv.signal(signal.SIGTERM)
+    srv.send(signal.SIGTERM)
     assert srv.wait_exit(15) == 0, srv.report()
     srv.assert_clean_exit()
 
@@ -455,7 +299,7 @@ def test_cancel_on_disconnect_and_on_shutdown(start):
     b_bufs, b_cookies = _held_cancel_ops(b, 1, 30)
     srv.wait_ops(42 + 3 + 30)   # + healthy's three
     t0 = time.monotonic()
-    srv.signal(signal.SIGTERM)
+    srv.send(signal.SIGTERM)
     results = wait_aio(b, b_cookies, 10)
     # ECANCELED is not an NBD error: the client sees EIO.
     assert_all(results, errno.EIO, "ops cancelled by the shutdown")
@@ -508,7 +352,7 @@ def test_shutdown_drains_1000_ops_in_flight(start):
         assert h1.aio_in_flight() == 500 and h2.aio_in_flight() == 500, "answered early"
 
         t0 = time.monotonic()
-        srv.signal(signal.SIGTERM)
+        srv.send(signal.SIGTERM)
         srv.wait_for(lambda: "shutdown requested" in srv.out(), 5, "the shutdown")
         # A client still negotiating: its next option is refused with
         # NBD_REP_ERR_SHUTDOWN once the loop has seen the shutdown (the
@@ -569,7 +413,7 @@ def test_shutdown_grace_answers_eshutdown_and_frees(start):
     cookies[h2].append(h2.aio_flush())
     srv.wait_ops(1001)
     t0 = time.monotonic()
-    srv.signal(signal.SIGTERM)
+    srv.send(signal.SIGTERM)
     results = {h: wait_aio(h, cookies[h], 15, t0) for h in (h1, h2)}
     for h, what in ((h1, "structured client"), (h2, "simple client")):
         assert_all(results[h], errno.ESHUTDOWN, what)
@@ -620,7 +464,7 @@ def test_stale_op_of_a_freed_server_cannot_touch_a_new_server(start):
     assert b.pread(4 * KiB, 5 * MiB) == pattern(5 * MiB, 4 * KiB)
     b.shutdown()
     close(b)
-    srv.signal(signal.SIGTERM)
+    srv.send(signal.SIGTERM)
     assert srv.wait_exit(15) == 0, srv.report()
     srv.assert_clean_exit()
 
@@ -646,7 +490,7 @@ def test_per_connection_memory_cap(start):
         other = Raw(srv.sock)
         other.s.sendall(other.write_header(99, 40 * MiB, 4096) + b"x" * 4096)
         srv.wait_ops(held + 1, timeout=5)
-        srv.signal(signal.SIGUSR1)
+        srv.send(signal.SIGUSR1)
         assert other.replies(1) == {99: 0}
         other.close()
         sender.join(20)
@@ -659,7 +503,7 @@ def test_per_connection_memory_cap(start):
     assert h.pread(2 * MiB, 18 * MiB) == payload
     h.shutdown()
     close(h)
-    srv.signal(signal.SIGTERM)
+    srv.send(signal.SIGTERM)
     assert srv.wait_exit(15) == 0, srv.report()
     srv.assert_clean_exit()
 
@@ -677,7 +521,7 @@ def test_total_memory_cap_one_connection(start):
                         for i in range(64))
         c.s.sendall(reqs)
         held = settled(srv)
-        srv.signal(signal.SIGUSR1)
+        srv.send(signal.SIGUSR1)
         got = {}
         for _ in range(64):
             magic, error, cookie = struct.unpack(">IIQ", c.recv(16))
@@ -691,7 +535,7 @@ def test_total_memory_cap_one_connection(start):
             "1 MiB) with a total cap of 8 MiB\n%s" % (held, held, srv.report()))
     finally:
         c.close()
-    srv.signal(signal.SIGTERM)
+    srv.send(signal.SIGTERM)
     assert srv.wait_exit(15) == 0, srv.report()
     srv.assert_clean_exit()
 
@@ -716,7 +560,7 @@ def test_total_memory_cap_many_connections(start):
             senders.append(s)
             time.sleep(0.05)
         held = settled(srv)
-        srv.signal(signal.SIGUSR1)
+        srv.send(signal.SIGUSR1)
         for c in conns:
             assert c.replies(4) == {i: 0 for i in range(1, 5)}
         for s in senders:
@@ -728,7 +572,7 @@ def test_total_memory_cap_many_connections(start):
     finally:
         for c in conns:
             c.close()
-    srv.signal(signal.SIGTERM)
+    srv.send(signal.SIGTERM)
     assert srv.wait_exit(15) == 0, srv.report()
     srv.assert_clean_exit()
 
@@ -786,7 +630,7 @@ def test_handshake_timeout_gives_back_memory_budget(start):
         "after three clients were cut by the handshake timeout, 10 concurrent "
         "reads took %.2fs (before: %.2fs): the server still counts their "
         "freed output against its total memory budget" % (after, before))
-    srv.signal(signal.SIGTERM)
+    srv.send(signal.SIGTERM)
     assert srv.wait_exit(15) == 0, srv.report()
     srv.assert_clean_exit()
 
@@ -827,6 +671,6 @@ def test_total_memory_cap_partial_payloads(start):
     finally:
         for c in conns:
             c.close()
-    srv.signal(signal.SIGTERM)
+    srv.send(signal.SIGTERM)
     assert srv.wait_exit(15) == 0, srv.report()
     srv.assert_clean_exit()

@@ -19,12 +19,14 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import nbd
 import pytest
+
+from support import close_politely as close
+from support import HarnessProcess, stop_all, tool_env
 
 ROOT = Path(__file__).resolve().parent.parent
 FILEDISK = ROOT / "build" / "filedisk"
@@ -39,48 +41,26 @@ TOOL_TIMEOUT = 60
 CONN_RE = re.compile(r"debug: connection \d+ from ")
 
 
-def tool_env():
-    # Debian's tools want Debian's python3 (nbdsh) and libnbd.
-    env = dict(os.environ)
-    env["PATH"] = "/usr/bin:/bin:" + env.get("PATH", "")
-    return env
-
-
-class Filedisk:
+class Filedisk(HarnessProcess):
     """One build/filedisk process."""
 
+    name = "filedisk"
+
     def __init__(self, image, args=(), unix=True):
-        self.dir = tempfile.mkdtemp(prefix="nbdka-fd-")
-        self.sock = os.path.join(self.dir, "nbd.sock") if unix else None
-        self.out_path = os.path.join(self.dir, "stdout")
-        self.err_path = os.path.join(self.dir, "stderr")
         self.image = str(image)
-        self.argv = [str(FILEDISK), self.image, *(["--unix", self.sock] if unix else []), *map(str, args)]
-        env = dict(os.environ)
-        if env.get("NBDKIT_ASYNC_LOG", "").lower() != "trace":
-            env["NBDKIT_ASYNC_LOG"] = "debug"      # connections() counts debug lines
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
+        log = os.environ.get("NBDKIT_ASYNC_LOG", "")
+        # NBDKIT_ASYNC_LOG=debug unless trace: connections() counts debug lines
+        super().__init__(FILEDISK, args, before=(self.image,), prefix="nbdka-fd-", unix=unix,
+                         asan=False,
+                         env=None if log.lower() == "trace" else {"NBDKIT_ASYNC_LOG": "debug"})
         self.uris = []
 
     @property
     def uri(self):
         return self.uris[0]
 
-    def out(self):
-        with open(self.out_path, errors="replace") as f:
-            return f.read()
-
-    def err(self):
-        with open(self.err_path, errors="replace") as f:
-            return f.read()
-
     def describe(self):
-        err = self.err()
-        if len(err) > 20000:
-            err = "<... cut ...>\n" + err[-20000:]
-        return "filedisk: %s (pid %d, exit status %s)\n--- server stdout\n%s--- server stderr\n%s--- end" % (
-            " ".join(self.argv), self.proc.pid, self.proc.poll(), self.out(), err)
+        return self.report()
 
     def wait_ready(self, lines):
         deadline = time.monotonic() + START_TIMEOUT
@@ -117,27 +97,11 @@ class Filedisk:
             " ".join(argv), p.returncode, p.stdout, p.stderr, self.describe())
         return p
 
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-
     def stop(self):
         """SIGTERM; the server must exit 0 within STOP_TIMEOUT."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError("filedisk did not exit within %ss of SIGTERM; killed\n%s" % (
-                STOP_TIMEOUT, self.describe()))
-        assert rc == 0, "filedisk exit status %s after SIGTERM, expected 0\n%s" % (rc, self.describe())
-        assert "panicked" not in self.err(), self.describe()
-
-    def cleanup(self):
-        self.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.send(signal.SIGTERM)
+        self.wait_exit(STOP_TIMEOUT)
+        self.assert_exit_ok(("panicked",))
 
 
 @pytest.fixture
@@ -163,31 +127,10 @@ def filedisk(request):
         srv.wait_ready(int(unix) + sum(1 for a in args if a == "--tcp"))
         return srv
 
-    failures = []
     try:
         yield start
     finally:
-        for srv in servers:
-            try:
-                srv.stop()
-            except AssertionError as e:
-                failures.append(str(e))
-            finally:
-                srv.cleanup()
-    if failures:
-        pytest.fail("\n\n".join(failures), pytrace=False)
-
-
-def close(h):
-    """Polite disconnect (NBD_CMD_DISC), then nbd_close, at most once."""
-    if hasattr(h, "_o"):
-        try:
-            if h.aio_is_ready():
-                h.shutdown()
-        except nbd.Error:
-            pass
-        h.__del__()
-        del h._o
+        stop_all(servers)
 
 
 def wait_aio(h, cookies, srv, timeout=20):

@@ -24,7 +24,6 @@ import shutil
 import signal
 import socket
 import struct
-import subprocess
 import tempfile
 import threading
 import time
@@ -35,17 +34,8 @@ import pytest
 
 from conftest import (CMD_READ, NBD_EINVAL, OPT_GO, REP_ACK, REP_ERR_UNKNOWN,
                       REP_INFO, run_tool)
+from support import C_DIR, HarnessProcess, compile_c_harness, stop_all
 
-ROOT = Path(__file__).resolve().parent.parent
-INCLUDE = ROOT / "include"
-STATICLIB = ROOT / "target" / "release" / "libnbdkit_async.a"
-HARNESS_SRC = ROOT / "tests" / "c" / "features_harness.c"
-CC = os.environ.get("CC", "cc")
-HARNESS_CFLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-g",
-                  "-O1", "-fsanitize=address", "-fno-omit-frame-pointer",
-                  "-I", str(INCLUDE), "-pthread"]
-HARNESS_LIBS = [str(STATICLIB), "-lgcc_s", "-lutil", "-lrt", "-lpthread",
-                "-lm", "-ldl"]
 SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "HARNESS-ERROR",
                    "panicked")
 
@@ -321,91 +311,32 @@ def proxies(tmp_path):
 
 @pytest.fixture(scope="module")
 def harness_bin(tmp_path_factory):
-    if not STATICLIB.is_file():
-        pytest.fail(f"{STATICLIB} is missing: build with "
-                    f"`flock /tmp/nbdkit-async-build.lock make` first")
-    out = tmp_path_factory.mktemp("features_harness") / "features_harness"
-    argv = [CC, *HARNESS_CFLAGS, "-o", str(out), str(HARNESS_SRC), *HARNESS_LIBS]
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=180)
-    assert p.returncode == 0, f"building the harness failed:\n{' '.join(argv)}\n{p.stdout}{p.stderr}"
-    return out
+    return compile_c_harness(
+        C_DIR / "features_harness.c",
+        tmp_path_factory.mktemp("features_harness") / "features_harness")
 
 
-class Harness:
+class Harness(HarnessProcess):
+    name = "harness"
+
     def __init__(self, binary, size, log):
-        self.dir = tempfile.mkdtemp(prefix="nbdfh-")
-        self.sock = os.path.join(self.dir, "nbd.sock")
-        self.out_path = os.path.join(self.dir, "stdout")
-        self.err_path = os.path.join(self.dir, "stderr")
-        env = dict(os.environ)
-        env["ASAN_OPTIONS"] = "detect_leaks=1"
-        if log:
-            env["NBDKIT_ASYNC_LOG"] = log
-        self.argv = [str(binary), "--unix", self.sock, "--size", str(size)]
+        super().__init__(binary, args=("--size", size), prefix="nbdfh-",
+                         env={"NBDKIT_ASYNC_LOG": log} if log else None)
         self.size = size
-        with open(self.out_path, "wb") as o, open(self.err_path, "wb") as e:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                         stdout=o, stderr=e, env=env)
-        deadline = time.monotonic() + 10
-        while not ("ready\n" in self.out() and os.path.exists(self.sock)):
-            if self.proc.poll() is not None:
-                pytest.fail(f"harness exited early\n{self.report()}")
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                pytest.fail(f"harness not ready in 10 s\n{self.report()}")
-            time.sleep(0.01)
+        self.wait_ready(10)
 
     def uri(self, export=""):
         return f"nbd+unix:///{export}?socket={self.sock}"
 
-    def out(self):
-        with open(self.out_path, errors="replace") as f:
-            return f.read()
-
-    def err(self):
-        with open(self.err_path, errors="replace") as f:
-            return f.read()
-
-    def report(self):
-        out = self.out().splitlines()
-        if len(out) > 80:
-            out = out[:20] + [f"... ({len(out) - 60} lines) ..."] + out[-40:]
-        err = self.err()
-        if len(err) > 20000:
-            err = err[:5000] + "\n...\n" + err[-15000:]
-        return "\n".join([f"harness: {' '.join(self.argv)}",
-                          f"exit status: {self.proc.poll()}",
-                          "--- harness stdout", *out,
-                          "--- harness stderr", err])
-
-    def alive(self):
-        return self.proc.poll() is None
-
     def stop(self):
         """SIGTERM; exit 0, no sanitizer report, every handle closed."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            raise AssertionError(f"harness ignored SIGTERM for 15 s; killed\n{self.report()}")
-        assert rc == 0, f"harness exit status {rc}\n{self.report()}"
-        err = self.err()
-        for mark in SANITIZER_MARKS:
-            assert mark not in err, f"{mark!r} in harness stderr\n{self.report()}"
+        self.send(signal.SIGTERM)
+        self.wait_exit(15)
+        self.assert_exit_ok(SANITIZER_MARKS)
         out = self.out()
         assert "main_loop returned 0" in out, self.report()
-        opens = sum(1 for l in out.splitlines() if l.startswith("open "))
-        closes = sum(1 for l in out.splitlines() if l.startswith("close "))
+        opens, closes = self.count("open "), self.count("close ")
         assert opens == closes, f"{opens} opens, {closes} closes\n{self.report()}"
-
-    def cleanup(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -421,16 +352,7 @@ def harness(harness_bin, request):
     try:
         yield start
     finally:
-        failures = []
-        for h in started:
-            try:
-                h.stop()
-            except AssertionError as e:
-                failures.append(str(e))
-            finally:
-                h.cleanup()
-        if failures:
-            pytest.fail("\n\n".join(failures), pytrace=False)
+        stop_all(started)
 
 
 # --------------------------------------------------------------------------

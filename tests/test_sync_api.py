@@ -23,26 +23,18 @@ Run with: /usr/bin/python3 -m pytest -q tests/test_sync_api.py
 
 import errno
 import os
-import shutil
 import signal
 import socket
-import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import nbd
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-INCLUDE = ROOT / "include"
-STATICLIB = ROOT / "target" / "release" / "libnbdkit_async.a"
-HARNESS_SRC = ROOT / "tests" / "c" / "sync_harness.c"
-CC = os.environ.get("CC", "cc")
-CFLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-g", "-I", str(INCLUDE), "-pthread",
-          "-O1", "-fsanitize=address", "-fno-omit-frame-pointer"]
-LIBS = [str(STATICLIB), "-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl"]
+import support
+from support import (C_DIR, HarnessProcess, compile_c_harness, noise, pattern,
+                     proc_status)
+from support import close_politely as close
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -56,109 +48,46 @@ START_TIMEOUT = 10
 STOP_TIMEOUT = 10
 IO_TIMEOUT = 20
 
-_PAT = bytes(range(251))
-
-
-def pattern(offset, count):
-    """The harness disk's initial contents at [offset, offset+count)."""
-    start = offset % 251
-    return (_PAT * ((start + count) // 251 + 1))[start:start + count]
-
-
-def noise(seed, count):
-    return bytes((seed * 131 + i * 7 + (i >> 9)) & 0xFF for i in range(count))
-
-
 # ---------------------------------------------------------------- building
 
 @pytest.fixture(scope="session")
 def harness_bin(tmp_path_factory):
     """The harness, built once per session with AddressSanitizer."""
-    if not STATICLIB.is_file():
-        pytest.fail("%s is missing: run `make` first" % STATICLIB)
-    if shutil.which(CC) is None:
-        pytest.fail("no C compiler (%s)" % CC)
-    exe = tmp_path_factory.mktemp("sync_harness") / "sync_harness-asan"
-    argv = [CC, *CFLAGS, "-o", str(exe), str(HARNESS_SRC), *LIBS]
-    p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
-    assert p.returncode == 0, "building the harness failed:\n%s\n%s%s" % (" ".join(argv), p.stdout, p.stderr)
-    return exe
+    return compile_c_harness(C_DIR / "sync_harness.c",
+                             tmp_path_factory.mktemp("sync_harness") / "sync_harness-asan")
 
 
 # ---------------------------------------------------------------- the server
 
-class Harness:
+class Harness(HarnessProcess):
     """One sync_harness process serving a Unix socket in a private tmp dir."""
 
+    name = "harness"
+
     def __init__(self, binary, model, args=()):
-        self.dir = tempfile.mkdtemp(prefix="nbdka-sync-")
-        self.sock = os.path.join(self.dir, "nbd.sock")
-        self.out_path = os.path.join(self.dir, "stdout")
-        self.err_path = os.path.join(self.dir, "stderr")
-        env = dict(os.environ)
-        env["ASAN_OPTIONS"] = "detect_leaks=1"
-        env.setdefault("NBDKIT_ASYNC_LOG", "debug")  # per connection, not per request
-        self.argv = [str(binary), "--model", model, "--unix", self.sock, *map(str, args)]
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
+        # NBDKIT_ASYNC_LOG=debug unless set: per connection, not per request
+        super().__init__(binary, args, before=("--model", model), prefix="nbdka-sync-",
+                         env={"NBDKIT_ASYNC_LOG": os.environ.get("NBDKIT_ASYNC_LOG", "debug")})
         self.stats = None
 
     @property
     def uri(self):
         return "nbd+unix:///?socket=" + self.sock
 
-    def out(self):
-        with open(self.out_path, errors="replace") as f:
-            return f.read()
-
-    def err(self):
-        with open(self.err_path, errors="replace") as f:
-            return f.read()
-
-    def report(self):
-        err = self.err()
-        if len(err) > 20000:
-            err = "<... cut ...>\n" + err[-20000:]
-        return "\n".join(["server: %s (pid %d)" % (" ".join(self.argv), self.proc.pid),
-                          "exit status: %s" % (self.proc.poll(),),
-                          "--- server stdout", self.out(), "--- server stderr", err, "--- end"])
-
     def wait_ready(self):
-        deadline = time.monotonic() + START_TIMEOUT
-        while not (self.out().endswith("\n") and os.path.exists(self.sock)):
-            if self.proc.poll() is not None:
-                pytest.fail("harness exited before listening\n" + self.report())
-            if time.monotonic() > deadline:
-                pytest.fail("harness not listening after %ss\n%s" % (START_TIMEOUT, self.report()))
-            time.sleep(0.01)
+        self.wait_for(lambda: self.out().endswith("\n") and os.path.exists(self.sock),
+                      START_TIMEOUT, "the harness to listen")
         assert self.out().splitlines()[0] == self.uri, self.report()
 
     def threads(self):
-        with open("/proc/%d/status" % self.proc.pid) as f:
-            for line in f:
-                if line.startswith("Threads:"):
-                    return int(line.split()[1])
-        raise AssertionError("no Threads: line")
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
+        return proc_status(self.proc.pid, "Threads")
 
     def stop(self):
         """SIGTERM; must exit 0 within STOP_TIMEOUT with a clean report.
         Returns the printed statistics as a dict."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail("harness did not exit within %ss of SIGTERM; killed\n%s" % (STOP_TIMEOUT, self.report()))
-        err = self.err()
-        assert rc == 0, "harness exit status %s\n%s" % (rc, self.report())
-        for mark in SANITIZER_MARKS:
-            assert mark not in err, "%r in harness stderr\n%s" % (mark, self.report())
+        self.send(signal.SIGTERM)
+        self.wait_exit(STOP_TIMEOUT)
+        self.assert_exit_ok(SANITIZER_MARKS)
         stats = {}
         for line in self.out().splitlines()[1:]:
             key, _, value = line.rpartition(" ")
@@ -169,10 +98,6 @@ class Harness:
         assert stats["opens"] == stats["closes"], self.report()
         self.stats = stats
         return stats
-
-    def cleanup(self):
-        self.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -202,38 +127,10 @@ def connect(srv):
     return h
 
 
-def close(h):
-    """Polite disconnect (NBD_CMD_DISC), then nbd_close, at most once."""
-    if hasattr(h, "_o"):
-        try:
-            if h.aio_is_ready():
-                h.shutdown()
-        except nbd.Error:
-            pass
-        h.__del__()
-        del h._o
-
-
 def wait_aio(h, cookies, timeout=IO_TIMEOUT):
     """Polls h until every cookie completed; returns {cookie: errnum or None}."""
-    deadline = time.monotonic() + timeout
-    pending = list(cookies)
-    done = {}
-    while pending:
-        for c in list(pending):
-            try:
-                finished, err = h.aio_command_completed(c), None
-            except nbd.Error as e:
-                finished, err = True, e.errnum
-            if finished:
-                done[c] = err
-                pending.remove(c)
-        if not pending:
-            break
-        if time.monotonic() > deadline:
-            raise AssertionError("%d of %d commands still in flight after %ss" % (len(pending), len(cookies), timeout))
-        h.poll(50)
-    return done
+    done = support.wait_aio(h, cookies, timeout, poll_ms=50)
+    return {c: err for c, (_, err) in done.items()}
 
 
 def burst(h, tag, n):

@@ -45,6 +45,8 @@ from pathlib import Path
 import nbd
 import pytest
 
+from support import proc_status, tool_env
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"
 MEMDISK = BUILD / "memdisk"
@@ -75,8 +77,7 @@ WATCHDOG = 75.0          # per test: every registered process is killed
 CLIENT_TIMEOUT = 60.0    # any external client or compiler
 
 # Debian's nbdsh/nbdinfo want Debian's python3 (nbdsh runs python3 -m nbd).
-TOOL_ENV = dict(os.environ)
-TOOL_ENV["PATH"] = "/usr/bin:/bin:" + TOOL_ENV.get("PATH", "")
+TOOL_ENV = tool_env()
 
 
 def cargo_version():
@@ -223,11 +224,7 @@ class Proc:
             pass
 
     def threads(self):
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("Threads:"):
-                    return int(line.split()[1])
-        raise AssertionError("no Threads: in /proc/PID/status")
+        return proc_status(self.pid, "Threads")
 
 
 @pytest.fixture

@@ -36,32 +36,19 @@ import socket
 import ssl
 import struct
 import subprocess
-import tempfile
-import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import nbd
 import pytest
 
-from conftest import (START_TIMEOUT, TEST_TIMEOUT, Memdisk, _server_env,
-                      _socket_path, require_memdisk)
+from conftest import memdisk_factory
 from conftest import (CMD_READ, IHAVEOPT, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO,
                       OPT_LIST, REP_ACK, REP_ERR_UNSUP, REP_INFO, REP_SERVER,
                       SIMPLE_REPLY_MAGIC, RawNBD, run_tool)
+from support import C_DIR, ROOT, HarnessProcess, compile_c_harness, stop_all
 
-ROOT = Path(__file__).resolve().parent.parent
-INCLUDE = ROOT / "include"
-STATICLIB = ROOT / "target" / "release" / "libnbdkit_async.a"
 MEMDISK_BIN = ROOT / "build" / "memdisk"
-HARNESS_SRC = ROOT / "tests" / "c" / "tls_harness.c"
-CC = os.environ.get("CC", "cc")
-HARNESS_CFLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-g",
-                  "-O1", "-fsanitize=address", "-fno-omit-frame-pointer",
-                  "-I", str(INCLUDE), "-pthread"]
-HARNESS_LIBS = [str(STATICLIB), "-lgcc_s", "-lutil", "-lrt", "-lpthread",
-                "-lm", "-ldl"]
 SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "HARNESS-ERROR",
                    "panicked")
 
@@ -201,76 +188,18 @@ def certs(tmp_path_factory):
 # The server under test
 
 
+def check_tls_unix_uri(uri, sock):
+    assert re.fullmatch(r"nbds?\+unix:///[^?]*\?socket=" + re.escape(str(sock)),
+                        uri), uri
+
+
 @pytest.fixture
 def memdisk(tmp_path, request):
     """conftest's `memdisk` factory, except that it accepts the
     nbds+unix:// URI memdisk prints with --tls=require (conftest's insists
     on nbd+unix://). Same contract: URI within 10 s, always stopped with
     SIGTERM, exit code 0 required, kill -9 on timeout, watchdog."""
-    servers = []
-    request.node._memdisk_servers = servers
-    counter = [0]
-
-    def start(*args, size="64M", log=None):
-        require_memdisk()
-        counter[0] += 1
-        n = counter[0]
-        sock, tmpdir = _socket_path(tmp_path / f"srv{n}")
-        sock.parent.mkdir(parents=True, exist_ok=True)
-        argv = [str(MEMDISK_BIN), "--size", str(size), "--unix", str(sock),
-                *map(str, args)]
-        stdout_path = tmp_path / f"memdisk{n}.stdout"
-        stderr_path = tmp_path / f"memdisk{n}.stderr"
-        with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err,
-                                    env=_server_env(request, log))
-        srv = Memdisk(argv[1:], [], sock, proc, stderr_path, stdout_path, tmpdir)
-        servers.append(srv)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            text = stdout_path.read_text(errors="replace")
-            if "\n" in text:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"memdisk exited with code {proc.returncode} before "
-                            f"printing its URI (stdout {text!r})\n{srv.describe()}",
-                            pytrace=False)
-            if time.monotonic() > deadline:
-                proc.kill()
-                proc.wait(timeout=10)
-                pytest.fail(f"memdisk printed no URI within {START_TIMEOUT:.0f} s"
-                            f"\n{srv.describe()}", pytrace=False)
-            time.sleep(0.005)
-        srv.uris = [text.split("\n")[0].strip()]
-        srv.uri = srv.uris[0]
-        assert re.fullmatch(r"nbds?\+unix:///[^?]*\?socket=" + re.escape(str(sock)),
-                            srv.uri), srv.uri
-        return srv
-
-    def watchdog():
-        for srv in servers:
-            if srv.alive():
-                srv.watchdog_fired = True
-                srv.proc.kill()
-
-    timer = threading.Timer(TEST_TIMEOUT, watchdog)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield start
-    finally:
-        timer.cancel()
-        failures = []
-        for srv in servers:
-            try:
-                srv.stop()
-            except AssertionError as e:
-                failures.append(str(e))
-            finally:
-                srv.cleanup_dir()
-        if failures:
-            pytest.fail("\n\n".join(failures), pytrace=False)
+    yield from memdisk_factory(tmp_path, request, check_uri=check_tls_unix_uri)
 
 
 # --------------------------------------------------------------------------
@@ -440,91 +369,34 @@ def raw_connect(sock, timeout=SOCK_TIMEOUT):
 
 @pytest.fixture(scope="module")
 def harness_bin(tmp_path_factory):
-    if not STATICLIB.is_file():
-        pytest.fail(f"{STATICLIB} is missing: build with "
-                    f"`flock /tmp/nbdkit-async-build.lock make` first")
-    out = tmp_path_factory.mktemp("tls_harness") / "tls_harness"
-    argv = [CC, *HARNESS_CFLAGS, "-o", str(out), str(HARNESS_SRC), *HARNESS_LIBS]
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=180)
-    assert p.returncode == 0, (f"building the harness failed:\n{' '.join(argv)}"
-                               f"\n{p.stdout}{p.stderr}")
-    return out
+    return compile_c_harness(C_DIR / "tls_harness.c",
+                             tmp_path_factory.mktemp("tls_harness") / "tls_harness")
 
 
-class TlsHarness:
+class TlsHarness(HarnessProcess):
+    name = "harness"
+
     def __init__(self, binary, args, log):
-        self.dir = tempfile.mkdtemp(prefix="nbdtls-")
-        self.sock = os.path.join(self.dir, "nbd.sock")
-        self.out_path = os.path.join(self.dir, "stdout")
-        self.err_path = os.path.join(self.dir, "stderr")
-        env = dict(os.environ)
-        env["ASAN_OPTIONS"] = "detect_leaks=1"
-        if log:
-            env["NBDKIT_ASYNC_LOG"] = log
-        self.argv = [str(binary), "--unix", self.sock, *map(str, args)]
-        with open(self.out_path, "wb") as o, open(self.err_path, "wb") as e:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                         stdout=o, stderr=e, env=env)
-        deadline = time.monotonic() + 10
-        while not ("ready\n" in self.out() and os.path.exists(self.sock)):
-            if self.proc.poll() is not None:
-                pytest.fail(f"harness exited early\n{self.report()}")
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-                pytest.fail(f"harness not ready in 10 s\n{self.report()}")
-            time.sleep(0.01)
-
-    def out(self):
-        with open(self.out_path, errors="replace") as f:
-            return f.read()
-
-    def err(self):
-        with open(self.err_path, errors="replace") as f:
-            return f.read()
+        super().__init__(binary, args, prefix="nbdtls-",
+                         env={"NBDKIT_ASYNC_LOG": log} if log else None)
+        self.wait_ready(10)
 
     def opens(self):
         """[(fingerprint or 'none', verdict)] for every open so far."""
         return re.findall(r"^open \S+ cert (\S+) len \d+ verdict (\w+)$",
                           self.out(), re.M)
 
-    def report(self):
-        err = self.err()
-        if len(err) > 20000:
-            err = err[:5000] + "\n...\n" + err[-15000:]
-        return "\n".join([f"harness: {' '.join(self.argv)}",
-                          f"exit status: {self.proc.poll()}",
-                          "--- harness stdout", self.out(),
-                          "--- harness stderr", err])
-
     def stop(self):
         """SIGTERM; exit 0, no sanitizer report, every admitted handle closed."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            raise AssertionError(f"harness ignored SIGTERM for 15 s; killed\n"
-                                 f"{self.report()}")
-        assert rc == 0, f"harness exit status {rc}\n{self.report()}"
-        err = self.err()
-        for mark in SANITIZER_MARKS:
-            assert mark not in err, f"{mark!r} in harness stderr\n{self.report()}"
+        self.send(signal.SIGTERM)
+        self.wait_exit(15)
+        self.assert_exit_ok(SANITIZER_MARKS)
         out = self.out()
         assert "main_loop returned 0" in out, self.report()
         admitted = sum(1 for _, v in self.opens() if v == "allow")
         closes = sum(1 for l in out.splitlines() if l == "close")
         assert admitted == closes, (f"{admitted} admitted opens, {closes} closes"
                                     f"\n{self.report()}")
-
-    def cleanup(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
 
 @pytest.fixture
 def tls_harness(harness_bin, request):
@@ -539,16 +411,7 @@ def tls_harness(harness_bin, request):
     try:
         yield start
     finally:
-        failures = []
-        for h in started:
-            try:
-                h.stop()
-            except AssertionError as e:
-                failures.append(str(e))
-            finally:
-                h.cleanup()
-        if failures:
-            pytest.fail("\n\n".join(failures), pytrace=False)
+        stop_all(started)
 
 
 @pytest.fixture
