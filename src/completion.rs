@@ -68,6 +68,10 @@ struct Queue {
     items: Vec<Completion>,
     /// Set when the server's loop has ended: later replies are refused.
     closed: bool,
+    /// The loop is (about to be) blocked in poll with nothing queued: the
+    /// next reply must wake it. While the loop runs it drains the queue
+    /// before sleeping anyway, so replies then need no wake-up syscall.
+    loop_asleep: bool,
 }
 
 /// One server's completion queue, shared with every replying thread.
@@ -87,21 +91,21 @@ pub enum ReplyError {
 
 impl Completions {
     pub fn new(waker: mio::Waker) -> Self {
-        Completions { queue: Mutex::new(Queue { items: Vec::new(), closed: false }), waker }
+        Completions { queue: Mutex::new(Queue { items: Vec::new(), closed: false, loop_asleep: false }), waker }
     }
 
     pub fn push(&self, completion: Completion) -> Result<(), ReplyError> {
-        let was_empty = {
+        let wake = {
             let mut q = self.queue.lock();
             if q.closed {
                 return Err(ReplyError::Closed);
             }
             q.items.push(completion);
-            q.items.len() == 1
+            std::mem::take(&mut q.loop_asleep)
         };
-        // Only the first completion of a batch needs to wake the loop: it
-        // drains everything queued by then in one go.
-        if was_empty {
+        // Only a sleeping loop needs waking, and only by the first reply:
+        // it drains everything queued by then in one go.
+        if wake {
             if let Err(e) = self.waker.wake() {
                 log::error!("cannot wake the event loop: {e}");
             }
@@ -113,7 +117,18 @@ impl Completions {
     /// so the two vectors swap roles without allocating.
     pub fn drain_into(&self, spare: &mut Vec<Completion>) {
         spare.clear();
-        std::mem::swap(&mut self.queue.lock().items, spare);
+        let mut q = self.queue.lock();
+        q.loop_asleep = false;
+        std::mem::swap(&mut q.items, spare);
+    }
+
+    /// Called by the loop just before it blocks: false if replies are
+    /// already waiting (then it must not block), else marks it asleep so
+    /// the next reply wakes it.
+    pub fn may_sleep(&self) -> bool {
+        let mut q = self.queue.lock();
+        q.loop_asleep = q.items.is_empty();
+        q.loop_asleep
     }
 
     pub fn close(&self) {

@@ -217,10 +217,13 @@ impl EventLoop {
         if self.state.finished {
             return Ok(true);
         }
-        let timeout = match (self.poll_timeout(Instant::now()), max_wait) {
+        let mut timeout = match (self.poll_timeout(Instant::now()), max_wait) {
             (Some(t), Some(m)) => Some(t.min(m)),
             (t, m) => t.or(m),
         };
+        if timeout != Some(Duration::ZERO) && !self.shared.completions.may_sleep() {
+            timeout = Some(Duration::ZERO); // replies came in since the last drain
+        }
         let mut events = std::mem::replace(&mut self.events, Events::with_capacity(0));
         let polled = self.poll.poll(&mut events, timeout);
         let result = match polled {
@@ -231,6 +234,10 @@ impl EventLoop {
         self.events = events;
         if result.as_ref().is_ok_and(|&done| done) {
             self.finish();
+        } else if max_wait == Some(Duration::ZERO) && !self.shared.completions.may_sleep() {
+            // Driven by a host loop, which now waits on our descriptor:
+            // replies already queued must make it readable.
+            self.shared.completions.wake();
         }
         result
     }
