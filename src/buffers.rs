@@ -10,7 +10,7 @@
 const MIN_SHIFT: u32 = 12;
 const CLASSES: usize = 14; // 4 KiB .. 32 MiB
 /// Most bytes kept idle in the pool; beyond that, returned buffers are freed.
-const MAX_POOLED: usize = 64 * 1024 * 1024;
+const MAX_POOLED: usize = 32 * 1024 * 1024;
 
 #[derive(Default)]
 pub struct BufferPool {

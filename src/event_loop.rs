@@ -38,6 +38,8 @@ const STOPPING_TICK: Duration = Duration::from_millis(50);
 /// How long the connection allowed past the memory budget may sit on a
 /// half-received WRITE before the next connection gets the turn.
 const EXEMPT_STALL: Duration = Duration::from_secs(1);
+/// Kernel send buffer asked for each client socket.
+const SEND_BUFFER: i32 = 4 * 1024 * 1024;
 /// Pause before accepting again after EMFILE and the like.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
@@ -398,6 +400,9 @@ impl EventLoop {
 
     /// Takes a new client in: registered, counted, greeted unless it must wait.
     fn admit(&mut self, stream: Stream, now: Instant) {
+        // 32 MiB read replies otherwise leave in ~200 KiB pieces, each
+        // costing a write and an epoll round trip.
+        stream.grow_send_buffer(SEND_BUFFER);
         let s = &mut self.state;
         if self.config.max_connections != 0 && s.conns.len() >= self.config.max_connections {
             log::warn!("refusing a client: {} connections is the limit", self.config.max_connections);

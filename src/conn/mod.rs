@@ -605,7 +605,6 @@ impl Connection {
                     _ => codec::simple_reply(op.cookie, 0),
                 };
                 self.output.push_reply(h, Vec::new());
-                self.output.recycle(op.buf);
                 Ok(())
             }
             (_, _) => misuse("a data reply"),

@@ -38,6 +38,25 @@ impl Stream {
         if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
     }
 
+    /// Asks for a larger kernel send buffer (capped by net.core.wmem_max),
+    /// so a large read reply leaves in fewer non-blocking writes.
+    pub fn grow_send_buffer(&self, bytes: i32) {
+        let fd = match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        };
+        // SAFETY: setsockopt on our own socket with a pointer to a local int.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&bytes as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            );
+        }
+    }
+
     pub fn peer(&self) -> String {
         match self {
             Stream::Tcp(s) => s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "tcp".into()),
