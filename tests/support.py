@@ -287,3 +287,38 @@ def stop_all(procs, cleanup=lambda p: p.cleanup()):
             cleanup(p)
     if failures:
         pytest.fail("\n\n".join(failures), pytrace=False)
+
+
+# ---------------------------------------------------------------- certificates
+
+def openssl(*args, cwd):
+    p = subprocess.run(["openssl", *map(str, args)], cwd=cwd,
+                       stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, (f"openssl {' '.join(map(str, args))} failed\n"
+                               f"{p.stdout}{p.stderr}")
+    return p.stdout
+
+
+def make_ca(d, name, cn):
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}-key.pem", "-out", f"{name}-cert.pem",
+             "-days", "3", "-subj", f"/CN={cn}",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+
+
+def make_leaf(d, name, ca, cn, ext):
+    """A v3 leaf certificate signed by `ca` (X.509 v3 needs -extfile)."""
+    openssl("req", "-new", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}-key.pem", "-out", f"{name}.csr",
+             "-subj", f"/CN={cn}", cwd=d)
+    (d / f"{name}.ext").write_text(
+        "basicConstraints=CA:FALSE\n"
+        "keyUsage=digitalSignature,keyEncipherment\n" + ext)
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}-cert.pem",
+             "-CAkey", f"{ca}-key.pem", "-CAcreateserial",
+             "-out", f"{name}-cert.pem", "-days", "3",
+             "-extfile", f"{name}.ext", cwd=d)

@@ -25,6 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cpp"))
 import procs  # noqa: E402
+from support import make_ca, make_leaf, openssl  # noqa: E402
 
 GATEWAY = Path(os.environ.get("ASIO_GATEWAY", procs.BUILD / "asio-gateway"))
 KiB = 1 << 10
@@ -296,48 +297,17 @@ def test_wrapper_extents_members(ps, extents_bin):
 # TLS
 
 
-def _openssl(*args, cwd):
-    p = subprocess.run(["openssl", *map(str, args)], cwd=cwd,
-                       stdin=subprocess.DEVNULL, capture_output=True,
-                       text=True, timeout=60)
-    assert p.returncode == 0, (f"openssl {' '.join(map(str, args))} failed\n"
-                               f"{p.stdout}{p.stderr}")
-
-
-def _make_ca(d, name, cn):
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt",
-             "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}-key.pem", "-out", f"{name}-cert.pem",
-             "-days", "3", "-subj", f"/CN={cn}",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-
-
-def _make_leaf(d, name, ca, cn, ext):
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt",
-             "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}-key.pem", "-out", f"{name}.csr",
-             "-subj", f"/CN={cn}", cwd=d)
-    (d / f"{name}.ext").write_text(
-        "basicConstraints=CA:FALSE\n"
-        "keyUsage=digitalSignature,keyEncipherment\n" + ext)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}-cert.pem",
-             "-CAkey", f"{ca}-key.pem", "-CAcreateserial",
-             "-out", f"{name}-cert.pem", "-days", "3",
-             "-extfile", f"{name}.ext", cwd=d)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     """server/: the server's files; client/: CA + client cert; nocert/: CA
     only; other/: a CA that signed nothing here."""
     d = tmp_path_factory.mktemp("gw-certs")
-    _make_ca(d, "ca", "gateway test CA")
-    _make_ca(d, "ca2", "some other CA")
-    _make_leaf(d, "server", "ca", "localhost",
+    make_ca(d, "ca", "gateway test CA")
+    make_ca(d, "ca2", "some other CA")
+    make_leaf(d, "server", "ca", "localhost",
                "extendedKeyUsage=serverAuth\n"
                "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _make_leaf(d, "client", "ca", "gateway", "extendedKeyUsage=clientAuth\n")
+    make_leaf(d, "client", "ca", "gateway", "extendedKeyUsage=clientAuth\n")
 
     def layout(name, files):
         sub = d / name

@@ -46,7 +46,7 @@ from conftest import memdisk_factory
 from conftest import (CMD_READ, IHAVEOPT, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO,
                       OPT_LIST, REP_ACK, REP_ERR_UNSUP, REP_INFO, REP_SERVER,
                       SIMPLE_REPLY_MAGIC, RawNBD, run_tool)
-from support import C_DIR, ROOT, HarnessProcess, compile_c_harness, stop_all
+from support import C_DIR, ROOT, HarnessProcess, compile_c_harness, make_ca, make_leaf, openssl, stop_all
 
 MEMDISK_BIN = ROOT / "build" / "memdisk"
 SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "HARNESS-ERROR",
@@ -94,42 +94,9 @@ def note(text):
 # Certificates
 
 
-def _openssl(*args, cwd):
-    p = subprocess.run(["openssl", *map(str, args)], cwd=cwd,
-                       stdin=subprocess.DEVNULL, capture_output=True,
-                       text=True, timeout=60)
-    assert p.returncode == 0, (f"openssl {' '.join(map(str, args))} failed\n"
-                               f"{p.stdout}{p.stderr}")
-    return p.stdout
-
-
-def _make_ca(d, name, cn):
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt",
-             "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}-key.pem", "-out", f"{name}-cert.pem",
-             "-days", "3", "-subj", f"/CN={cn}",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-
-
-def _make_leaf(d, name, ca, cn, ext):
-    """A v3 leaf certificate signed by `ca` (X.509 v3 needs -extfile)."""
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt",
-             "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}-key.pem", "-out", f"{name}.csr",
-             "-subj", f"/CN={cn}", cwd=d)
-    (d / f"{name}.ext").write_text(
-        "basicConstraints=CA:FALSE\n"
-        "keyUsage=digitalSignature,keyEncipherment\n" + ext)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}-cert.pem",
-             "-CAkey", f"{ca}-key.pem", "-CAcreateserial",
-             "-out", f"{name}-cert.pem", "-days", "3",
-             "-extfile", f"{name}.ext", cwd=d)
-
-
 def _fingerprint(d, name):
     """`openssl x509 -fingerprint -sha256` of a certificate, as AB:CD:..."""
-    out = _openssl("x509", "-in", f"{name}-cert.pem", "-noout",
+    out = openssl("x509", "-in", f"{name}-cert.pem", "-noout",
                    "-fingerprint", "-sha256", cwd=d)
     m = re.search(r"Fingerprint=([0-9A-Fa-f:]+)", out)
     assert m, out
@@ -141,14 +108,14 @@ def certs(tmp_path_factory):
     """CA, server cert, client-a and client-b from the CA, and a second CA
     with its own client cert, laid out in per-role directories."""
     d = tmp_path_factory.mktemp("tls-certs")
-    _make_ca(d, "ca", "libnbdkit-async test CA")
-    _make_ca(d, "ca2", "some other CA")
-    _make_leaf(d, "server", "ca", "localhost",
+    make_ca(d, "ca", "libnbdkit-async test CA")
+    make_ca(d, "ca2", "some other CA")
+    make_leaf(d, "server", "ca", "localhost",
                "extendedKeyUsage=serverAuth\n"
                "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _make_leaf(d, "client-a", "ca", "client-a", "extendedKeyUsage=clientAuth\n")
-    _make_leaf(d, "client-b", "ca", "client-b", "extendedKeyUsage=clientAuth\n")
-    _make_leaf(d, "intruder", "ca2", "intruder", "extendedKeyUsage=clientAuth\n")
+    make_leaf(d, "client-a", "ca", "client-a", "extendedKeyUsage=clientAuth\n")
+    make_leaf(d, "client-b", "ca", "client-b", "extendedKeyUsage=clientAuth\n")
+    make_leaf(d, "intruder", "ca2", "intruder", "extendedKeyUsage=clientAuth\n")
 
     def layout(name, files):
         sub = d / name
@@ -179,7 +146,7 @@ def certs(tmp_path_factory):
     c.pair = {n: (d / f"{n}-cert.pem", d / f"{n}-key.pem")
               for n in ("client-a", "client-b", "intruder", "server", "ca")}
     # The certificates really are v3 (rustls/webpki rejects v1).
-    text = _openssl("x509", "-in", "client-a-cert.pem", "-noout", "-text", cwd=d)
+    text = openssl("x509", "-in", "client-a-cert.pem", "-noout", "-text", cwd=d)
     assert "Version: 3" in text, text
     return c
 
