@@ -904,7 +904,9 @@ def test_flood_100k_reads_never_read(memdisk):
     bounded, other clients are served promptly, and when the flooder
     finally reads, every one of the 100,000 requests is answered exactly
     once (back-pressure, never dropped requests)."""
-    srv = memdisk(size="64M")
+    # The healthy client below writes random data: to its own export, so
+    # the flood's reads of the default one must all come back as zeroes.
+    srv = memdisk("--export", "flood", "--export", "other", size="64M")
     n = 100_000
     c = Client(srv).connect()
     try:
@@ -936,7 +938,7 @@ def test_flood_100k_reads_never_read(memdisk):
         assert rss[-1] - rss[-10] < 8, f"RSS still growing: {rss[-10:]}"
 
         # Meanwhile, another client is served promptly.
-        took = healthy(srv, max_seconds=1.0)
+        took = healthy(srv, uri=srv.uri_for("other"), max_seconds=1.0)
 
         # Now read every reply while sending the rest.
         pending_out = reqs[sent:]
