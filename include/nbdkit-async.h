@@ -601,6 +601,7 @@ int nbdkit_reply_read_extents(struct nbdkit_op *op, const struct nbdkit_extent *
  *
  * Returns NULL on error (logged): missing `get_size` or `pread`, or a
  * plugin built against a newer header with callbacks this library lacks.
+ * Callable from any thread; that thread then owns the server's set-up.
  * Free with `nbdkit_server_free`.
  *
  * # Safety

@@ -81,6 +81,7 @@ pub(super) fn with_setup(srv: *mut nbdkit_server, name: &str, f: impl FnOnce(&mu
 ///
 /// Returns NULL on error (logged): missing `get_size` or `pread`, or a
 /// plugin built against a newer header with callbacks this library lacks.
+/// Callable from any thread; that thread then owns the server's set-up.
 /// Free with `nbdkit_server_free`.
 ///
 /// # Safety
