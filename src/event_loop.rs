@@ -258,7 +258,7 @@ impl EventLoop {
                     let key = t - FIRST_CONN;
                     if let Some(c) = self.state.conns.get_mut(key) {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            c.readable();
+                            c.readable(event.is_read_closed() || event.is_error());
                         }
                         if event.is_writable() || event.is_write_closed() || event.is_error() {
                             c.writable();
@@ -291,6 +291,15 @@ impl EventLoop {
             // Memory was freed: connections starved by the global budget may read again.
             touched.append(&mut self.state.starved);
         }
+        touched.sort_unstable();
+        touched.dedup();
+        for &key in &touched {
+            self.service(key, now);
+        }
+        // Replies given inside the callbacks just run (a RAM disk, a cache
+        // hit) go out now rather than after another trip through poll.
+        touched.clear();
+        self.apply_completions(now, &mut touched);
         touched.sort_unstable();
         touched.dedup();
         for &key in &touched {

@@ -130,6 +130,9 @@ pub struct Connection {
     reading_done: bool,
     /// The last read hit EAGAIN: wait for a readable event.
     read_blocked: bool,
+    /// The peer hung up: its end of stream raises no further edge, so
+    /// reads go on until they see it.
+    peer_closed: bool,
     /// The last write hit EAGAIN: wait for a writable event.
     write_blocked: bool,
     /// The plugin was told the client is gone (cancel callbacks sent).
@@ -162,6 +165,7 @@ impl Connection {
             held_bytes: 0,
             reading_done: false,
             read_blocked: false,
+            peer_closed: false,
             write_blocked: false,
             cancel_sent: false,
             tls_mode,
@@ -221,8 +225,10 @@ impl Connection {
         self.stream = None;
     }
 
-    pub fn readable(&mut self) {
+    /// A readable event; `closed` when it also says the peer hung up.
+    pub fn readable(&mut self, closed: bool) {
         self.read_blocked = false;
+        self.peer_closed |= closed;
     }
 
     pub fn writable(&mut self) {
@@ -340,12 +346,22 @@ impl Connection {
 
     /// One read: straight into a WRITE payload when one is pending and
     /// the input buffer is empty, else into the input buffer.
+    ///
+    /// A short read of a plain socket means its queue is empty: it is
+    /// marked blocked at once instead of paying one more read for EAGAIN.
+    /// mio's epoll is edge-triggered and every new arrival raises a fresh
+    /// edge, so nothing is missed; but a hang-up already reported raises
+    /// none, so after one, reads go on to the end of stream. (TLS may hold
+    /// decrypted bytes back, so there only EAGAIN counts.)
     fn read_some(&mut self, ctx: &mut Ctx) -> io::Result<usize> {
         let stream = self.stream.as_mut().expect("checked by caller");
+        let plain = !stream.is_tls() && !self.peer_closed;
         if let Phase::Transmission(reader) = &mut self.phase {
             if let Some(space) = reader.payload_space() {
                 if space.len() >= INPUT_BUFFER / 2 {
+                    let asked = space.len();
                     let n = stream.read(space)?;
+                    self.read_blocked = plain && n > 0 && n < asked;
                     if n > 0 {
                         if let Some(event) = reader.payload_filled(n) {
                             self.on_event(event, ctx);
@@ -359,6 +375,7 @@ impl Connection {
         self.in_end = 0;
         let n = stream.read(&mut self.input)?;
         self.in_end = n;
+        self.read_blocked = plain && n > 0 && n < self.input.len();
         Ok(n)
     }
 
