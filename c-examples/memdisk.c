@@ -101,32 +101,6 @@ is_due (const struct timespec *due)
     (now.tv_sec == due->tv_sec && now.tv_nsec >= due->tv_nsec);
 }
 
-/* Called on the event loop thread: queue and return at once. */
-static int
-submit (nbdkit_op *op, struct disk *d, enum kind kind, void *buf,
-        uint32_t count, uint64_t offset, uint32_t flags)
-{
-  struct job *j = malloc (sizeof *j);
-  if (j == NULL)
-    return -1;                  /* errno is ENOMEM: the library replies */
-  *j = (struct job) { .op = op, .disk = d, .kind = kind, .buf = buf,
-                      .count = count, .offset = offset, .flags = flags,
-                      .due = deadline_after_ms (queue.latency_ms) };
-  pthread_mutex_lock (&queue.lock);
-  if (queue.tail)
-    queue.tail->next = j;
-  else {
-    /* Only a new head changes what the workers wait for: behind it, the
-     * job's deadline is later than the one they already sleep until.
-     */
-    queue.head = j;
-    pthread_cond_signal (&queue.cond);
-  }
-  queue.tail = j;
-  pthread_mutex_unlock (&queue.lock);
-  return 0;
-}
-
 static bool
 page_allocated (const struct disk *d, uint64_t page)
 {
@@ -197,17 +171,24 @@ run_job (struct job *j)
   switch (j->kind) {
   case READ:
     pthread_rwlock_rdlock (&d->lock);
-    memcpy (j->buf, d->data + j->offset, j->count);
     n = describe (d, j->offset, j->count, extents, MAX_EXTENTS);
+    if (n == 1 && extents[0].type == 0) {
+      pthread_rwlock_unlock (&d->lock);
+      /* All data: lend the disk's own pages instead of copying them. The
+       * mapping outlives the server, so there is nothing to release. A
+       * write racing this read may show through, as NBD allows for
+       * overlapping requests in flight.
+       */
+      nbdkit_reply_read_nocopy (j->op, d->data + j->offset, j->count,
+                                NULL, NULL);
+      break;
+    }
+    memcpy (j->buf, d->data + j->offset, j->count);
     pthread_rwlock_unlock (&d->lock);
     /* Tell the library where the holes are: they need not cross the wire. */
-    if (n > 1 || extents[0].type != 0) {
-      if (n == MAX_EXTENTS)     /* too fragmented to describe: all data */
-        n = 1, extents[0] = (nbdkit_extent) { .length = j->count };
-      nbdkit_reply_read_extents (j->op, extents, n);
-    }
-    else
-      nbdkit_reply (j->op);
+    if (n == MAX_EXTENTS)       /* too fragmented to describe: all data */
+      n = 1, extents[0] = (nbdkit_extent) { .length = j->count };
+    nbdkit_reply_read_extents (j->op, extents, n);
     break;
   case WRITE:
     pthread_rwlock_wrlock (&d->lock);
@@ -235,7 +216,41 @@ run_job (struct job *j)
     nbdkit_reply (j->op);
     break;
   }
-  free (j);
+}
+
+/* Called on the event loop thread: queue and return at once. */
+static int
+submit (nbdkit_op *op, struct disk *d, enum kind kind, void *buf,
+        uint32_t count, uint64_t offset, uint32_t flags)
+{
+  if (queue.latency_ms == 0) {
+    /* Nothing to wait for: a RAM disk answers on the spot, inside the
+     * callback, and no thread handoff is paid.
+     */
+    struct job now = { .op = op, .disk = d, .kind = kind, .buf = buf,
+                       .count = count, .offset = offset, .flags = flags };
+    run_job (&now);
+    return 0;
+  }
+  struct job *j = malloc (sizeof *j);
+  if (j == NULL)
+    return -1;                  /* errno is ENOMEM: the library replies */
+  *j = (struct job) { .op = op, .disk = d, .kind = kind, .buf = buf,
+                      .count = count, .offset = offset, .flags = flags,
+                      .due = deadline_after_ms (queue.latency_ms) };
+  pthread_mutex_lock (&queue.lock);
+  if (queue.tail)
+    queue.tail->next = j;
+  else {
+    /* Only a new head changes what the workers wait for: behind it, the
+     * job's deadline is later than the one they already sleep until.
+     */
+    queue.head = j;
+    pthread_cond_signal (&queue.cond);
+  }
+  queue.tail = j;
+  pthread_mutex_unlock (&queue.lock);
+  return 0;
 }
 
 static void *
@@ -260,6 +275,7 @@ worker (void *arg)
         pthread_cond_signal (&queue.cond);   /* more work now: wake a peer */
       pthread_mutex_unlock (&queue.lock);
       run_job (j);
+      free (j);
       pthread_mutex_lock (&queue.lock);
     }
   }

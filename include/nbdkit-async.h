@@ -554,6 +554,33 @@ int nbdkit_reply(struct nbdkit_op *op);
 int nbdkit_reply_read(struct nbdkit_op *op, const void *data, uint32_t count);
 
 /**
+ * Answers a read op with `count` bytes at `data`, sent from there without
+ * a copy: the zero-copy twin of `nbdkit_reply_read`, for data the plugin
+ * already holds (a cache page, a network buffer, a memory-mapped file).
+ * `count` must equal the count given to `pread`; otherwise the client
+ * gets EIO.
+ *
+ * The bytes are lent, not given: they must stay readable (and should stay
+ * unchanged) until the library calls `release(release_ctx)`. It does so
+ * exactly once, whatever becomes of the reply: once the bytes are handed
+ * to the kernel, when the reply is dropped (client gone, op already
+ * answered, misuse) or, when this function returns a negative errno,
+ * before it returns. `release` may run on any thread (normally the event
+ * loop's), must not block, and may be NULL when there is nothing to give
+ * back. The buffer given to `pread` is then left unused.
+ *
+ * Thread-safe, exactly once per op, like `nbdkit_reply`.
+ *
+ * # Safety
+ * `data` must point to `count` readable bytes until `release` is called.
+ */
+int nbdkit_reply_read_nocopy(struct nbdkit_op *op,
+                             const void *data,
+                             uint32_t count,
+                             void (*release)(void *ctx),
+                             void *release_ctx);
+
+/**
  * Answers an op with an error. `errnum` is a host errno (EIO, ENOSPC,
  * EROFS, ...); the client sees the nearest NBD error. 0 is taken as EIO.
  *

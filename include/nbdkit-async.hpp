@@ -5,8 +5,10 @@
  * the full contract; the rules below are the same rules in C++ words):
  *
  *   nbdkit::op      one NBD request in flight, move-only. Answer it once
- *                   with reply(), reply_read(), reply_read_extents(),
- *                   reply_extents() or reply_error(), from any thread. Destroyed unanswered, it answers EIO and logs.
+ *                   with reply(), reply_read(), reply_read_nocopy(),
+ *                   reply_read_extents(), reply_extents() or
+ *                   reply_error(), from any thread. Destroyed unanswered,
+ *                   it answers EIO and logs.
  *
  *   plugin class    any class of yours with the member functions below; a
  *                   member you define is offered to clients, one you leave
@@ -101,6 +103,7 @@
 #include <exception>
 #include <iterator>
 #include <memory>
+#include <new>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -229,6 +232,39 @@ public:
     if (count > UINT32_MAX)
       return nbdkit_reply_error(raw, EIO);
     return nbdkit_reply_read(raw, data, static_cast<uint32_t>(count));
+  }
+
+  /* Success of a read with data lent, not copied: the library sends the
+   * `count` bytes at `data` from where they are and calls release(ctx)
+   * exactly once when it is done with them, whatever becomes of the reply
+   * (see nbdkit_reply_read_nocopy). `count` must be the count pread
+   * received.
+   */
+  int reply_read_nocopy(const void *data, std::size_t count,
+                        void (*release)(void *), void *ctx) noexcept
+  {
+    nbdkit_op *raw = take("reply_read_nocopy");
+    if (raw == nullptr || count > UINT32_MAX) {
+      if (release)
+        release(ctx);
+      return raw ? nbdkit_reply_error(raw, EIO) : -EINVAL;
+    }
+    return nbdkit_reply_read_nocopy(raw, data, static_cast<uint32_t>(count),
+                                    release, ctx);
+  }
+
+  /* The same, keeping `owner` (whatever holds the bytes: a vector, a
+   * network buffer) alive until the library is done with them. */
+  template <class T>
+  int reply_read_nocopy(const void *data, std::size_t count,
+                        std::shared_ptr<T> owner) noexcept
+  {
+    auto *keep = new (std::nothrow) std::shared_ptr<T>(std::move(owner));
+    if (keep == nullptr)
+      return reply_read(data, count);   /* no memory to lend: copy */
+    return reply_read_nocopy(
+        data, count,
+        [](void *p) { delete static_cast<std::shared_ptr<T> *>(p); }, keep);
   }
 
   /* Success of a block-status op: `n` extents following each other from

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use slab::Slab;
 
+use crate::loan::Loan;
+
 const SLOT_BITS: u32 = 24;
 const GEN_BITS: u32 = 24;
 const SERVER_BITS: u32 = 16;
@@ -50,6 +52,8 @@ pub enum Outcome {
     Done,
     /// Success of a READ with data the plugin kept elsewhere (copied).
     Data(Vec<u8>),
+    /// Success of a READ with data the plugin lends until it is sent.
+    Lent(Loan),
     /// Failure with a host errno.
     Error(i32),
     /// Block status: (length, NBDKIT_EXTENT_* bits) from the op's offset.
@@ -171,9 +175,10 @@ pub fn unregister(server: usize) {
 
 /// Queues a reply for `token`, from any thread.
 pub fn complete(token: Token, outcome: Outcome) -> Result<(), ReplyError> {
-    let r = REGISTRY.read();
-    let completions = r.servers.get(token.server()).and_then(|s| s.as_ref()).ok_or(ReplyError::UnknownServer)?;
-    completions.push(Completion { token, outcome })
+    // The registry lock is not held while pushing: a refused reply drops
+    // its outcome, and a lent buffer's release callback may reply again.
+    let completions = REGISTRY.read().servers.get(token.server()).and_then(|s| s.clone());
+    completions.ok_or(ReplyError::UnknownServer)?.push(Completion { token, outcome })
 }
 
 /// Where each new op table starts its generations: different for every

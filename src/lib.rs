@@ -11,6 +11,7 @@ pub mod config;
 pub mod conn;
 pub mod deadlines;
 pub mod event_loop;
+pub mod loan;
 pub mod ffi;
 pub mod logging;
 pub mod plugin;

@@ -144,12 +144,14 @@ def test_bench_targets_and_plot_from_synthetic_rows():
         row("memdisk", "seqread", 0, 64, 2000, 300, mib_s=2000),
         row("nbdkit-t16", "seqread", 0, 64, 2000, 300, mib_s=2000),
         row("memdisk", "multiconn", 10, 256, 70000, 5, jobs=4),
+        row("memdisk-cap", "randread", 10, 4096, 60000, 5),
     ]
     text = "\n".join(run.targets(rows))
     assert "(a)" in text and "97.7 %" in text
     assert text.count("PASS") >= 5, text        # a, a-threads, b, b-rss, c1
     assert "(c2)" in text and "0.75" in text and "MISS" in text
     assert "(d)" in text and "1.00×" in text
+    assert "(b′)" in text and "60,000 IOPS = 2.00×" in text
     assert "not measured" not in text
 
     empty = "\n".join(run.targets([]))
@@ -158,7 +160,7 @@ def test_bench_targets_and_plot_from_synthetic_rows():
     svg = run.svg_plot(rows, "synthetic <&> run")
     root = ET.fromstring(svg)
     assert root.tag == f"{SVG_NS}svg"
-    assert len(root.findall(f".//{SVG_NS}circle")) == 10
+    assert len(root.findall(f".//{SVG_NS}circle")) == 11
     assert len(root.findall(f".//{SVG_NS}rect")) >= 2
 
 
@@ -173,3 +175,6 @@ def test_bench_dry_run_plans_the_full_matrix():
     assert not any("qemu-nbd" in r and r.split()[3] != "0" for r in runs)
     assert "run  memdisk randread 50 4096" in p.stdout
     assert "run  nbdkit-tqd randread 10 4096" in p.stdout
+    # The capped memdisk only where its cap is below the queue depth.
+    assert "run  memdisk-cap randread 10 4096" in p.stdout
+    assert not any("memdisk-cap" in r and int(r.split()[4]) <= 1024 for r in runs)

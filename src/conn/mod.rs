@@ -19,7 +19,7 @@ use crate::buffers::BufferPool;
 use crate::stats::Stats;
 use crate::ffi::plugin::{NBDKIT_EXTENT_ZERO, NBDKIT_FLAG_FAST_ZERO, NBDKIT_FLAG_FUA, NBDKIT_FLAG_MAY_TRIM, NBDKIT_FLAG_REQ_ONE};
 use crate::plugin::{Handle, Io, Plugin};
-use crate::protocol::codec::{self, RequestHeader};
+use crate::protocol::codec::{self, ReplyHeader, RequestHeader};
 use crate::protocol::consts::*;
 use crate::protocol::handshake::{ExportInfo, ExportResolver, Handshake, Outcome as HsOutcome, Purpose, TlsMode};
 use crate::protocol::transmission::{Event, ExportCaps, FuaMode, Request, RequestReader};
@@ -607,6 +607,13 @@ impl Connection {
                 op.buf = data;
                 Ok(self.send_read(op, &[]))
             }
+            (CMD_READ, Outcome::Lent(loan)) if loan.len() == op.count as usize => {
+                self.output.recycle(std::mem::take(&mut op.buf));
+                let h = self.whole_read_header(&op);
+                self.output.push_lent(h, loan);
+                Ok(())
+            }
+            (CMD_READ, Outcome::Data(_) | Outcome::Lent(_)) => misuse("read data of another length than the request's"),
             (CMD_READ, Outcome::SparseRead(extents)) => match covers_exactly(&extents, op.count) {
                 true => Ok(self.send_read(op, &extents)),
                 false => misuse("nbdkit_reply_read_extents not covering the read"),
@@ -650,10 +657,7 @@ impl Connection {
                     op.buf[start..start + len].fill(0);
                 }
             }
-            let h = match &to {
-                Some(to) => codec::data_chunk(to, true, op.offset, op.count),
-                None => codec::simple_reply(op.cookie, 0),
-            };
+            let h = self.whole_read_header(&op);
             self.output.push_payload(h, op.buf, op.count as usize);
             return;
         }
@@ -668,6 +672,14 @@ impl Connection {
                 let h = codec::data_chunk(&to, i == last, offset, len as u32);
                 self.output.push_shared(h, buf.clone(), start..start + len);
             }
+        }
+    }
+
+    /// The header of a READ reply that carries all its data at once.
+    fn whole_read_header(&self, op: &Op) -> ReplyHeader {
+        match self.reply_to(&op.header()) {
+            Some(to) => codec::data_chunk(&to, true, op.offset, op.count),
+            None => codec::simple_reply(op.cookie, 0),
         }
     }
 

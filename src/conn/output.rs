@@ -7,6 +7,7 @@ use std::rc::Rc;
 
 use super::stream::interrupted;
 use super::transport::Transport;
+use crate::loan::Loan;
 use crate::protocol::codec::ReplyHeader;
 
 /// Frames gathered into one writev call.
@@ -18,6 +19,8 @@ enum Frame {
     Reply(ReplyHeader, Vec<u8>, usize),
     /// A reply header and part of a buffer shared with other chunks.
     Shared(ReplyHeader, Rc<Vec<u8>>, Range<usize>),
+    /// A reply header and read data lent by the plugin (released on drop).
+    Lent(ReplyHeader, Loan),
     /// Raw handshake bytes.
     Bytes(Vec<u8>),
 }
@@ -27,6 +30,7 @@ impl Frame {
         match self {
             Frame::Reply(h, p, len) => (h.as_bytes(), &p[..*len]),
             Frame::Shared(h, p, r) => (h.as_bytes(), &p[r.clone()]),
+            Frame::Lent(h, loan) => (h.as_bytes(), loan.as_slice()),
             Frame::Bytes(b) => (b, &[]),
         }
     }
@@ -74,6 +78,14 @@ impl Output {
     /// Takes the buffers that are free for reuse.
     pub fn take_spent(&mut self) -> impl Iterator<Item = Vec<u8>> + '_ {
         self.spent.drain(..)
+    }
+
+    /// A reply sending lent bytes; the loan ends once they are sent (or
+    /// the queue is dropped).
+    pub fn push_lent(&mut self, header: ReplyHeader, loan: Loan) {
+        let f = Frame::Lent(header, loan);
+        self.bytes += f.len();
+        self.frames.push_back(f);
     }
 
     pub fn push_shared(&mut self, header: ReplyHeader, buf: Rc<Vec<u8>>, range: Range<usize>) {

@@ -5,6 +5,7 @@ use std::ffi::{c_int, c_void};
 use super::plugin::{nbdkit_extent, nbdkit_op};
 use super::{guard, neg};
 use crate::completion::{self, Outcome, ReplyError, Token};
+use crate::loan::Loan;
 
 fn reply(op: *mut nbdkit_op, outcome: Outcome) -> c_int {
     if op.is_null() {
@@ -65,6 +66,45 @@ pub unsafe extern "C" fn nbdkit_reply_read(op: *mut nbdkit_op, data: *const c_vo
             unsafe { std::slice::from_raw_parts(data.cast::<u8>(), count as usize) }.to_vec()
         };
         reply(op, Outcome::Data(bytes))
+    })
+}
+
+/// Answers a read op with `count` bytes at `data`, sent from there without
+/// a copy: the zero-copy twin of `nbdkit_reply_read`, for data the plugin
+/// already holds (a cache page, a network buffer, a memory-mapped file).
+/// `count` must equal the count given to `pread`; otherwise the client
+/// gets EIO.
+///
+/// The bytes are lent, not given: they must stay readable (and should stay
+/// unchanged) until the library calls `release(release_ctx)`. It does so
+/// exactly once, whatever becomes of the reply: once the bytes are handed
+/// to the kernel, when the reply is dropped (client gone, op already
+/// answered, misuse) or, when this function returns a negative errno,
+/// before it returns. `release` may run on any thread (normally the event
+/// loop's), must not block, and may be NULL when there is nothing to give
+/// back. The buffer given to `pread` is then left unused.
+///
+/// Thread-safe, exactly once per op, like `nbdkit_reply`.
+///
+/// # Safety
+/// `data` must point to `count` readable bytes until `release` is called.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nbdkit_reply_read_nocopy(
+    op: *mut nbdkit_op,
+    data: *const c_void,
+    count: u32,
+    release: Option<unsafe extern "C" fn(ctx: *mut c_void)>,
+    release_ctx: *mut c_void,
+) -> c_int {
+    // SAFETY: the caller lends `count` bytes at `data` until release.
+    let loan = unsafe { Loan::new(data.cast::<u8>(), count as usize, release, release_ctx) };
+    guard("nbdkit_reply_read_nocopy", neg(libc::EIO), move || {
+        if data.is_null() && count > 0 {
+            log::error!("nbdkit_reply_read_nocopy: NULL data; answering EIO");
+            drop(loan);
+            return reply(op, Outcome::Error(libc::EIO));
+        }
+        reply(op, Outcome::Lent(loan))
     })
 }
 

@@ -68,8 +68,10 @@
  * nbdkit_server_set_shutdown_grace_ms, nbdkit_server_set_memory_limits
  * (sizes take K/M/G suffixes) and nbdkit_server_set_handshake_timeout_ms.
  *
- * Reads are answered alternately by filling the library's buffer and
- * calling nbdkit_reply, and with nbdkit_reply_read from a private copy.
+ * Reads are answered in turn by filling the library's buffer and calling
+ * nbdkit_reply, with nbdkit_reply_read from a private copy, and with
+ * nbdkit_reply_read_nocopy lending a private copy; at exit every loan must
+ * have been released exactly once ("loans: N made, N released").
  *
  * stdout (line-buffered): "ready" once listening, "op KIND OFFSET COUNT"
  * for every I/O callback, "reply-rc ..." for every reply call that did not
@@ -123,6 +125,13 @@ enum answer {
   A_CANCELLED,        /* cancel mode: answer ECANCELED */
 };
 
+/* How a read is answered, in rotation. */
+enum read_style {
+  FILL,                       /* fill the library's buffer, nbdkit_reply */
+  COPY,                       /* nbdkit_reply_read from a private copy */
+  LEND,                       /* nbdkit_reply_read_nocopy of a private copy */
+};
+
 struct job {
   struct job *next;
   nbdkit_op *op;
@@ -132,7 +141,7 @@ struct job {
   uint32_t count;
   uint64_t offset;
   uint32_t flags;
-  bool use_reply_read;
+  enum read_style read_style;
   struct timespec due;
 };
 
@@ -257,7 +266,7 @@ enqueue_locked (struct job *j)
 
 static struct job *
 new_job (nbdkit_op *op, enum kind kind, enum answer answer, void *buf,
-         uint32_t count, uint64_t offset, uint32_t flags, bool use_reply_read)
+         uint32_t count, uint64_t offset, uint32_t flags, enum read_style read_style)
 {
   struct job *j = calloc (1, sizeof *j);
 
@@ -272,7 +281,7 @@ new_job (nbdkit_op *op, enum kind kind, enum answer answer, void *buf,
   j->count = count;
   j->offset = offset;
   j->flags = flags;
-  j->use_reply_read = use_reply_read;
+  j->read_style = read_style;
   return j;
 }
 
@@ -306,6 +315,43 @@ in_bad_region (const struct job *j)
     j->offset + j->count > disk_size - MIB;
 }
 
+/* Lent buffers: every one must come back exactly once (checked at exit). */
+static atomic_ulong loans_made, loans_released;
+
+struct loan {
+  unsigned magic;             /* LOAN_MAGIC while lent, 0 once released */
+  unsigned char data[];
+};
+#define LOAN_MAGIC 0x10a4u
+
+static void
+release_loan (void *ctx)
+{
+  struct loan *l = ctx;
+  if (l->magic != LOAN_MAGIC)
+    harness_error ("loan released twice or never lent");
+  l->magic = 0;
+  atomic_fetch_add (&loans_released, 1);
+  free (l);
+}
+
+/* Answers a read with nbdkit_reply_read_nocopy, lending a copy of `data`
+ * that the library hands back through release_loan. Takes `data`. */
+static int
+lend (nbdkit_op *op, void *data, uint32_t count)
+{
+  struct loan *l = malloc (sizeof *l + count);
+  if (l == NULL) {
+    perror ("malloc");
+    abort ();
+  }
+  l->magic = LOAN_MAGIC;
+  memcpy (l->data, data, count);
+  free (data);
+  atomic_fetch_add (&loans_made, 1);
+  return nbdkit_reply_read_nocopy (op, l->data, count, release_loan, l);
+}
+
 /* Performs the I/O of a job and answers its op once. */
 static void
 perform (const struct job *j)
@@ -329,7 +375,7 @@ perform (const struct job *j)
 
   switch (j->kind) {
   case K_READ:
-    if (j->use_reply_read) {
+    if (j->read_style != FILL) {
       void *copy = malloc (j->count ? j->count : 1);
       if (copy == NULL) {
         perror ("malloc");
@@ -338,6 +384,11 @@ perform (const struct job *j)
       pthread_mutex_lock (&disk_lock);
       memcpy (copy, disk + j->offset, j->count);
       pthread_mutex_unlock (&disk_lock);
+      if (j->read_style == LEND) {
+        rc = lend (j->op, copy, j->count);
+        check_rc ("nbdkit_reply_read_nocopy", j, rc, false);
+        return;
+      }
       rc = nbdkit_reply_read (j->op, copy, j->count);
       free (copy);
       check_rc ("nbdkit_reply_read", j, rc, false);
@@ -373,7 +424,7 @@ answer_again (const struct job *j, unsigned variant)
   static const unsigned char junk[16] = "second reply!!!";
   int rc;
 
-  switch (variant % 3) {
+  switch (variant % 4) {
   case 0:
     rc = nbdkit_reply_error (j->op, EIO);
     check_rc ("nbdkit_reply_error", j, rc, true);
@@ -382,10 +433,20 @@ answer_again (const struct job *j, unsigned variant)
     rc = nbdkit_reply (j->op);
     check_rc ("nbdkit_reply", j, rc, true);
     break;
-  default:
+  case 2:
     rc = nbdkit_reply_read (j->op, junk, sizeof junk);
     check_rc ("nbdkit_reply_read", j, rc, true);
     break;
+  default: {
+    /* Ignored by the library, but the loan must still come back. */
+    void *copy = malloc (sizeof junk);
+    if (copy == NULL)
+      abort ();
+    memcpy (copy, junk, sizeof junk);
+    rc = lend (j->op, copy, sizeof junk);
+    check_rc ("nbdkit_reply_read_nocopy", j, rc, true);
+    break;
+  }
   }
 }
 
@@ -502,7 +563,7 @@ static int
 dispatch (nbdkit_op *op, void *h, enum kind kind, void *buf, uint32_t count,
           uint64_t offset, uint32_t flags)
 {
-  bool use_reply_read = false;
+  enum read_style read_style = FILL;
   unsigned long n;
   struct job *j;
 
@@ -518,20 +579,20 @@ dispatch (nbdkit_op *op, void *h, enum kind kind, void *buf, uint32_t count,
   n = ++ops_seen;
   last_op = op;
   if (kind == K_READ)
-    use_reply_read = (reads_seen++ % 2) == 1;
+    read_style = (enum read_style) (reads_seen++ % 3);
   say ("op %s %llu %u", kind_names[kind], (unsigned long long) offset, count);
 
   switch (mode) {
   case MODE_THREAD:
     submit (new_job (op, kind, A_PERFORM, buf, count, offset, flags,
-                     use_reply_read), 0);
+                     read_style), 0);
     return 0;
 
   case MODE_INLINE: {
     struct job jb = {
       .op = op, .kind = kind, .answer = A_PERFORM, .buf = buf,
       .count = count, .offset = offset, .flags = flags,
-      .use_reply_read = use_reply_read,
+      .read_style = read_style,
     };
     perform (&jb);
     return 0;
@@ -539,13 +600,13 @@ dispatch (nbdkit_op *op, void *h, enum kind kind, void *buf, uint32_t count,
 
   case MODE_AFTER_DISCONNECT:
     submit (new_job (op, kind, A_PERFORM, buf, count, offset, flags,
-                     use_reply_read), hold_ms);
+                     read_style), hold_ms);
     return 0;
 
   case MODE_SHUTDOWN:
   case MODE_NEVER_REPLY:
     j = new_job (op, kind, A_PERFORM, buf, count, offset, flags,
-                 use_reply_read);
+                 read_style);
     j->due = after_ms (0);
     pthread_mutex_lock (&queue_lock);
     if (released)
@@ -564,7 +625,7 @@ dispatch (nbdkit_op *op, void *h, enum kind kind, void *buf, uint32_t count,
         (kind == K_READ || kind == K_WRITE || kind == K_TRIM ||
          kind == K_ZERO)) {
       j = new_job (op, kind, A_PERFORM, buf, count, offset, flags,
-                   use_reply_read);
+                   read_style);
       pthread_mutex_lock (&queue_lock);
       j->next = held;
       held = j;
@@ -572,7 +633,7 @@ dispatch (nbdkit_op *op, void *h, enum kind kind, void *buf, uint32_t count,
     }
     else
       submit (new_job (op, kind, A_PERFORM, buf, count, offset, flags,
-                       use_reply_read), 0);
+                       read_style), 0);
     return 0;
 
   case MODE_RESTART:
@@ -584,7 +645,7 @@ dispatch (nbdkit_op *op, void *h, enum kind kind, void *buf, uint32_t count,
         return 0;
       }
       submit (new_job (op, kind, A_PERFORM, buf, count, offset, flags,
-                       use_reply_read), 0);
+                       read_style), 0);
       return 0;
     }
     if (!stale_checked && stale_op != NULL) {
@@ -597,16 +658,16 @@ dispatch (nbdkit_op *op, void *h, enum kind kind, void *buf, uint32_t count,
         harness_error ("a reply to an op of a freed server returned %d, "
                        "not -ESTALE", r);
       submit (new_job (op, kind, A_PERFORM, buf, count, offset, flags,
-                       use_reply_read), 300);
+                       read_style), 300);
       return 0;
     }
     submit (new_job (op, kind, A_PERFORM, buf, count, offset, flags,
-                     use_reply_read), 0);
+                     read_style), 0);
     return 0;
 
   case MODE_GRACE:
     j = new_job (op, kind, A_PERFORM, buf, count, offset, flags,
-                 use_reply_read);
+                 read_style);
     pthread_mutex_lock (&queue_lock);
     j->next = held;
     held = j;
@@ -617,13 +678,13 @@ dispatch (nbdkit_op *op, void *h, enum kind kind, void *buf, uint32_t count,
     switch (n % 3) {
     case 0:                     /* both answers from a worker */
       submit (new_job (op, kind, A_PERFORM_TWICE, buf, count, offset, flags,
-                       use_reply_read), 0);
+                       read_style), 0);
       break;
     case 1: {                   /* first inline, second from a worker */
       struct job jb = {
         .op = op, .kind = kind, .answer = A_PERFORM, .buf = buf,
         .count = count, .offset = offset, .flags = flags,
-        .use_reply_read = use_reply_read,
+        .read_style = read_style,
       };
       perform (&jb);
       submit (new_job (op, kind, A_SECOND_ONLY, NULL, count, offset, flags,
@@ -634,7 +695,7 @@ dispatch (nbdkit_op *op, void *h, enum kind kind, void *buf, uint32_t count,
       struct job jb = {
         .op = op, .kind = kind, .answer = A_PERFORM_TWICE, .buf = buf,
         .count = count, .offset = offset, .flags = flags,
-        .use_reply_read = use_reply_read,
+        .read_style = read_style,
       };
       perform (&jb);
       answer_again (&jb, (unsigned) n);
@@ -650,7 +711,7 @@ dispatch (nbdkit_op *op, void *h, enum kind kind, void *buf, uint32_t count,
         struct job jb = {
           .op = op, .kind = kind, .answer = A_PERFORM, .buf = buf,
           .count = count, .offset = offset, .flags = flags,
-          .use_reply_read = use_reply_read,
+          .read_style = read_style,
         };
         perform (&jb);
         return 0;
@@ -667,7 +728,7 @@ dispatch (nbdkit_op *op, void *h, enum kind kind, void *buf, uint32_t count,
 
   case MODE_OUT_OF_ORDER:
     submit (new_job (op, kind, A_PERFORM, buf, count, offset, flags,
-                     use_reply_read),
+                     read_style),
             kind == K_READ && offset >= 32 * MIB ? 2000 : 0);
     return 0;
   }
@@ -1231,15 +1292,26 @@ main (int argc, char *argv[])
     int r1 = nbdkit_reply (last_op);
     int r2 = nbdkit_reply_read (last_op, junk, sizeof junk);
     int r3 = nbdkit_reply_error (last_op, EIO);
-    say ("late replies after nbdkit_server_free: %d %d %d", r1, r2, r3);
-    if (r1 != -ESTALE || r2 != -ESTALE || r3 != -ESTALE)
-      harness_error ("replies after nbdkit_server_free returned %d %d %d, "
-                     "not -ESTALE", r1, r2, r3);
+    void *copy = malloc (sizeof junk);
+    if (copy == NULL)
+      abort ();
+    memcpy (copy, junk, sizeof junk);
+    int r4 = lend (last_op, copy, sizeof junk);
+    say ("late replies after nbdkit_server_free: %d %d %d %d", r1, r2, r3, r4);
+    if (r1 != -ESTALE || r2 != -ESTALE || r3 != -ESTALE || r4 != -ESTALE)
+      harness_error ("replies after nbdkit_server_free returned %d %d %d %d, "
+                     "not -ESTALE", r1, r2, r3, r4);
     r = nbdkit_reply (NULL);
     say ("reply to NULL: %d", r);
     if (r >= 0)
       harness_error ("nbdkit_reply (NULL) returned %d", r);
   }
+  /* Every lent buffer has come back by now, whatever became of its reply. */
+  say ("loans: %lu made, %lu released", atomic_load (&loans_made),
+       atomic_load (&loans_released));
+  if (atomic_load (&loans_made) != atomic_load (&loans_released))
+    harness_error ("%lu loans made, %lu released",
+                   atomic_load (&loans_made), atomic_load (&loans_released));
   pthread_cond_destroy (&queue_cond);
   sem_destroy (&control_sem);
   free (disk);
