@@ -153,6 +153,24 @@ def test_second_reply_is_refused_by_the_wrapper(ps, wrapper_bin):
     assert "TEST-ERROR" not in srv.stderr()
 
 
+def test_lent_read_owned_by_a_shared_ptr(ps, wrapper_bin):
+    """reply_read_nocopy with a shared_ptr owner: the data arrives, and
+    the library lets go of each owner once its reply is out."""
+    srv = serve(ps, wrapper_bin)
+    h = connect(srv)
+    data = bytes(range(251)) * 500
+    h.pwrite(data, 15 * MiB)
+    for _ in range(3):
+        assert h.pread(len(data), 15 * MiB) == data
+    deadline = time.monotonic() + 5
+    while srv.lines().count("lent released") < 3:
+        assert time.monotonic() < deadline, srv.describe()
+        time.sleep(0.01)
+    h.shutdown()
+    srv.stop()
+    assert "nbdkit-async" not in srv.stderr(), srv.describe()
+
+
 def test_cancel_when_the_client_disconnects(ps, wrapper_bin):
     srv = serve(ps, wrapper_bin)
     h = connect(srv)

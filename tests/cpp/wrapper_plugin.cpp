@@ -16,6 +16,8 @@
  *   12    held until cancel(), which answers ECANCELED
  *   13    reply_error with a non-errno error_code        -> EIO
  *   14    replied twice: the second is refused and logged -> data
+ *   15    read: a copy lent with reply_read_nocopy, owned by a shared_ptr
+ *         that prints "lent released" when the library lets go -> data
  *
  * --minimal serves a class with only get_size and pread (so read-only,
  * nothing else offered). --refuse makes open throw (client refused).
@@ -153,6 +155,18 @@ public:
       op.reply();
       if (op.reply() != -EINVAL)        /* refused by the wrapper */
         std::cerr << "TEST-ERROR: second reply not refused\n";
+      return;
+    case 15:
+      worker_.submit(std::move(op), [this, count, offset](nbdkit::op &o) {
+        std::shared_ptr<std::vector<unsigned char>> copy(
+            new std::vector<unsigned char>(count),
+            [](std::vector<unsigned char> *v) {
+              say("lent released");
+              delete v;
+            });
+        copy_out(copy->data(), count, offset);
+        o.reply_read_nocopy(copy->data(), copy->size(), copy);
+      });
       return;
     }
     worker_.submit(std::move(op), [this, buf, count, offset](nbdkit::op &o) {
