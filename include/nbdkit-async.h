@@ -562,10 +562,10 @@ int nbdkit_reply_read(struct nbdkit_op *op, const void *data, uint32_t count);
  *
  * The bytes are lent, not given: they must stay readable (and should stay
  * unchanged) until the library calls `release(release_ctx)`. It does so
- * exactly once, whatever becomes of the reply: once the bytes are handed
- * to the kernel, when the reply is dropped (client gone, op already
- * answered, misuse) or, when this function returns a negative errno,
- * before it returns. `release` may run on any thread (normally the event
+ * exactly once, whatever becomes of the reply: once the bytes are written
+ * to the connection (the socket, or TLS records), when the reply is
+ * dropped (client gone, op already answered, misuse) or, when this
+ * function returns a negative errno, before it returns. `release` may run on any thread (normally the event
  * loop's), must not block, and may be NULL when there is nothing to give
  * back. The buffer given to `pread` is then left unused.
  *
