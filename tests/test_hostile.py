@@ -15,8 +15,10 @@ requires exit status 0.
 import errno
 import os
 import random
+import re
 import resource
 import select
+import signal
 import socket
 import struct
 import threading
@@ -121,6 +123,20 @@ def wait_fds(srv, want, timeout=5.0):
     n = nfds(srv)
     assert n <= want, (f"server holds {n} descriptors, {want} before: a "
                        f"connection was not released\n{srv.describe()}")
+
+
+def reads_started(srv):
+    """READs the server has taken in so far, from memdisk's SIGUSR1 stats."""
+    def stats_lines():
+        return [line for line in srv.stderr_path.read_text(errors="replace").splitlines()
+                if line.startswith("memdisk: connections")]
+    before = len(stats_lines())
+    srv.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 5
+    while len(stats_lines()) == before:
+        assert time.monotonic() < deadline, "no stats line after SIGUSR1"
+        time.sleep(0.02)
+    return int(re.search(r"reads (\d+)", stats_lines()[-1])[1])
 
 
 def close_handle(h):
@@ -899,9 +915,10 @@ READ_REPLY = 16 + 4096
 
 
 def test_flood_100k_reads_never_read(memdisk):
-    """One client pipelines 100,000 4 KiB READs and reads no reply: the
-    server stops reading it at its caps (4096 ops / 256 MiB), its RSS stays
-    bounded, other clients are served promptly, and when the flooder
+    """One client pipelines 100,000 4 KiB READs and reads no reply: once
+    its replies fill the socket the server takes in no more of its
+    requests (well before its caps of 4096 ops / 256 MiB would), its RSS
+    stays bounded, other clients are served promptly, and when the flooder
     finally reads, every one of the 100,000 requests is answered exactly
     once (back-pressure, never dropped requests)."""
     # The healthy client below writes random data: to its own export, so
@@ -936,6 +953,11 @@ def test_flood_100k_reads_never_read(memdisk):
         peak = max(rss)
         assert peak < 600, f"server RSS reached {peak:.0f} MiB under the flood"
         assert rss[-1] - rss[-10] < 8, f"RSS still growing: {rss[-10:]}"
+        # Unsent replies pause reading: the requests taken in are about what
+        # the replies filling the socket answered (a few batches of 4096),
+        # not what the memory cap allows (65,536 replies of 4 KiB).
+        taken = reads_started(srv)
+        assert taken < 20_000, f"the server took in {taken} requests whose replies nobody read"
 
         # Meanwhile, another client is served promptly.
         took = healthy(srv, uri=srv.uri_for("other"), max_seconds=1.0)
@@ -975,7 +997,8 @@ def test_flood_100k_reads_never_read(memdisk):
                     del buf[:whole * READ_REPLY]
                 replies += whole
         assert not buf and not pending_out
-        print(f"flood: server stopped reading after {stalled_at} requests; "
+        print(f"flood: client stalled after sending {stalled_at} requests, "
+              f"server took in {taken}; "
               f"peak RSS {peak:.0f} MiB; other client {took * 1000:.0f} ms; "
               f"all {n} replies read in {time.monotonic() - t1:.1f}s")
     finally:

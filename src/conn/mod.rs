@@ -286,6 +286,14 @@ impl Connection {
         if self.inflight >= ctx.config.max_inflight || held >= ctx.config.max_connection_bytes {
             return Some(Next::Wait); // replies going out will wake us
         }
+        if self.write_blocked {
+            // The client reads its replies slower than it sends requests:
+            // take no more until it catches up, as a threaded server
+            // blocked in send would. Requests it holds meanwhile cost us
+            // nothing, and clients that walk a list of their commands in
+            // flight for every reply (libnbd) walk shorter lists.
+            return Some(Next::Wait); // the writable event will wake us
+        }
         if ctx.ops.is_full() {
             return Some(Next::Starved);
         }
