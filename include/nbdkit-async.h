@@ -241,10 +241,12 @@ typedef struct nbdkit_plugin_lowlevel {
   /**
    * Reads `count` bytes at `offset` into `buf`. `buf` is owned by the
    * library and stays valid until the op is replied to. Its contents on
-   * entry are unspecified (buffers are reused): a successful reply must
-   * have filled all `count` bytes.
-   * Valid replies: `nbdkit_reply` (once `buf` is filled),
-   * `nbdkit_reply_read`, `nbdkit_reply_error`.
+   * entry are unspecified (buffers are reused): a reply that sends it
+   * must have filled all `count` bytes.
+   * Valid replies: `nbdkit_reply` or `nbdkit_reply_read_extents` (once
+   * `buf` is filled), `nbdkit_reply_read` (a copy from elsewhere),
+   * `nbdkit_reply_read_nocopy` (lent from elsewhere; `buf` goes unused),
+   * `nbdkit_reply_error`.
    */
   int (*pread)(struct nbdkit_op *op,
                void *handle,
