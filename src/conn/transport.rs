@@ -107,14 +107,18 @@ impl Transport {
     /// Writes plaintext from `bufs`; returns how much was taken.
     pub fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         let Some(tls) = self.tls.as_mut() else { return self.sock.write_vectored(bufs) };
-        let taken = tls.writer().write_vectored(bufs)?;
+        let mut taken = tls.writer().write_vectored(bufs)?;
+        if taken == 0 {
+            // rustls's buffer is full. Drain it, then offer the plaintext
+            // again: WouldBlock may only come from the socket itself, or no
+            // writable edge would ever follow and the connection would stall.
+            Self::push(tls, &mut self.sock)?;
+            taken = tls.writer().write_vectored(bufs)?;
+        }
         match Self::push(tls, &mut self.sock) {
             Ok(()) => {}
             Err(e) if would_block(&e) && taken > 0 => {}
             Err(e) => return Err(e),
-        }
-        if taken == 0 {
-            return Err(io::ErrorKind::WouldBlock.into());
         }
         Ok(taken)
     }
