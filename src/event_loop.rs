@@ -478,8 +478,15 @@ impl EventLoop {
 
     fn service(&mut self, key: usize, now: Instant) {
         let Some((next, finished)) = self.with_conn(key, now, |c, ctx| {
-            let next = c.service(ctx);
+            let mut next = c.service(ctx);
+            let held = c.held_total();
             c.flush();
+            if next == Next::Wait && c.held_total() < held && c.has_input_to_take() {
+                // Replies just went out without the socket blocking: a
+                // connection its byte cap paused may read again, and no
+                // event would come to say so.
+                next = Next::Again;
+            }
             if c.client_gone() {
                 c.cancel_ops(ctx);
             }

@@ -508,6 +508,31 @@ def test_per_connection_memory_cap(start):
     srv.assert_clean_exit()
 
 
+def test_connection_cap_resumes_by_itself_over_tcp(start):
+    """--memory-limits 64K:1G, ops answered inside their callbacks, a TCP
+    client pipelining 300 READs of 32 KiB. The connection pauses at its
+    byte cap with requests still buffered; its replies then go out without
+    the socket blocking, so TCP raises no event and nothing else will: the
+    server must resume reading by itself. Every READ completes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = start("inline", "--memory-limits", "64K:1G", "--tcp-port", str(port))
+    h = nbd.NBD()
+    h.connect_tcp("127.0.0.1", str(port))
+    bufs = [nbd.Buffer(32 * KiB) for _ in range(300)]
+    cookies = [h.aio_pread(b, i * 64 * KiB) for i, b in enumerate(bufs)]
+    results = wait_aio(h, cookies, 20)
+    assert all(err is None for _, err in results.values()), results
+    for i, b in enumerate(bufs):
+        assert b.to_bytearray() == pattern(i * 64 * KiB, 32 * KiB), i
+    h.shutdown()
+    close(h)
+    srv.send(signal.SIGTERM)
+    assert srv.wait_exit(15) == 0, srv.report()
+    srv.assert_clean_exit()
+
+
 def test_total_memory_cap_one_connection(start):
     """--memory-limits 256M:8M on a plugin that holds every op: one
     connection pipelines sixty-four 1 MiB READs (1.8 KB of requests). Its

@@ -128,7 +128,8 @@ pub struct Connection {
     held_bytes: usize,
     /// No more requests will be read (DISC, EOF, fatal error or shutdown).
     reading_done: bool,
-    /// The last read hit EAGAIN: wait for a readable event.
+    /// The socket is known empty (EAGAIN, or a short plain read): wait for
+    /// a readable event.
     read_blocked: bool,
     /// The peer hung up: its end of stream raises no further edge, so
     /// reads go on until they see it.
@@ -223,6 +224,11 @@ impl Connection {
             plugin.close(h);
         }
         self.stream = None;
+    }
+
+    /// Requests may be waiting: buffered, or in a socket not known empty.
+    pub fn has_input_to_take(&self) -> bool {
+        self.stream.is_some() && !self.reading_done && (self.in_start < self.in_end || !self.read_blocked)
     }
 
     /// A readable event; `closed` when it also says the peer hung up.

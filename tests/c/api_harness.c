@@ -5,6 +5,7 @@
  *               [--hold-ms N] [--shutdown-after N] [--max-inflight N]
  *               [--request-timeout-ms N] [--shutdown-grace-ms N]
  *               [--memory-limits PER_CONN:TOTAL] [--handshake-timeout-ms N]
+ *               [--tcp-port N]
  *
  * The export is an in-memory disk (default 64 MiB) that starts out holding
  * byte (offset % 251) at every offset. How ops are answered depends on MODE:
@@ -67,6 +68,7 @@
  * --handshake-timeout-ms call nbdkit_server_set_request_timeout_ms,
  * nbdkit_server_set_shutdown_grace_ms, nbdkit_server_set_memory_limits
  * (sizes take K/M/G suffixes) and nbdkit_server_set_handshake_timeout_ms.
+ * --tcp-port N also serves 127.0.0.1:N.
  *
  * Reads are answered in turn by filling the library's buffer and calling
  * nbdkit_reply, with nbdkit_reply_read from a private copy, and with
@@ -991,6 +993,7 @@ main (int argc, char *argv[])
   const char *sock = NULL;
   long workers = 2;
   long max_inflight = 0;
+  long tcp_port = 0;
   long request_timeout_ms = -1;
   long shutdown_grace_ms = -1;
   long handshake_timeout_ms = -1;
@@ -1037,6 +1040,8 @@ main (int argc, char *argv[])
       shutdown_after = (unsigned long) parse_long (val);
     else if (strcmp (opt, "--max-inflight") == 0)
       max_inflight = parse_long (val);
+    else if (strcmp (opt, "--tcp-port") == 0)
+      tcp_port = parse_long (val);
     else if (strcmp (opt, "--request-timeout-ms") == 0)
       request_timeout_ms = parse_long (val);
     else if (strcmp (opt, "--shutdown-grace-ms") == 0)
@@ -1139,6 +1144,14 @@ main (int argc, char *argv[])
   r = nbdkit_server_listen_unix (server, sock);
   if (r != 0) {
     fprintf (stderr, "api_harness: listen on %s: %s\n", sock, strerror (-r));
+    nbdkit_server_free (server);
+    exit (1);
+  }
+  if (tcp_port > 0 &&
+      (r = nbdkit_server_listen_tcp (server, "127.0.0.1", (uint16_t) tcp_port))
+      < 0) {
+    fprintf (stderr, "api_harness: listen on port %ld: %s\n", tcp_port,
+             strerror (-r));
     nbdkit_server_free (server);
     exit (1);
   }
