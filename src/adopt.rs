@@ -12,7 +12,19 @@ use crate::event_loop::Listener;
 /// First descriptor systemd passes (SD_LISTEN_FDS_START).
 const LISTEN_FDS_START: RawFd = 3;
 
+/// The socket's address family, after checking it is a stream socket: the
+/// connection code counts on stream semantics (a short read means the
+/// queue is empty), which a datagram or seqpacket socket does not have.
 fn family(fd: RawFd) -> io::Result<libc::sa_family_t> {
+    let mut kind: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid pointers to a local int and its size.
+    if unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut kind as *mut libc::c_int).cast(), &mut len) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if kind != libc::SOCK_STREAM {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is not a stream socket")));
+    }
     // SAFETY: a zeroed sockaddr_storage is valid; getsockname fills it.
     let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;

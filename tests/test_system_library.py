@@ -877,6 +877,21 @@ def test_serve_fd_refuses_a_pipe(procs):
         os.close(w)
 
 
+def test_serve_fd_refuses_a_seqpacket_socket(procs):
+    """A connected AF_UNIX socket that is not a stream (SOCK_SEQPACKET) is
+    refused too: the connection code counts on stream semantics."""
+    require(MEMDISK)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        p = procs([MEMDISK, "--fd", "0", "--size", "1M"], stdin=theirs.fileno())
+        rc = p.wait_exit(timeout=5)
+        assert rc is not None and rc != 0, f"expected a prompt failure\n{p.describe()}"
+        assert "not a stream socket" in p.stderr(), p.describe()
+    finally:
+        ours.close()
+        theirs.close()
+
+
 # --------------------------------------------------------------------------
 # Host-loop embedding
 
