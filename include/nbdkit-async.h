@@ -562,14 +562,16 @@ int nbdkit_reply_read(struct nbdkit_op *op, const void *data, uint32_t count);
  * `count` must equal the count given to `pread`; otherwise the client
  * gets EIO.
  *
- * The bytes are lent, not given: they must stay readable (and should stay
- * unchanged) until the library calls `release(release_ctx)`. It does so
- * exactly once, whatever becomes of the reply: once the bytes are written
- * to the connection (the socket, or TLS records), when the reply is
- * dropped (client gone, op already answered, misuse) or, when this
- * function returns a negative errno, before it returns. `release` may run on any thread (normally the event
- * loop's), must not block, and may be NULL when there is nothing to give
- * back. The buffer given to `pread` is then left unused.
+ * The bytes are lent, not given: they must stay readable until the
+ * library calls `release(release_ctx)`; a change made to them before that
+ * may reach the client. The library calls it exactly once, whatever
+ * becomes of the reply: once the bytes are written to the connection (the
+ * socket, or TLS records), or when the reply is dropped (client gone, op
+ * already answered, misuse, server stopped or freed). That may happen
+ * before this function returns, whatever it returns, so do not hold a
+ * lock here that `release` takes. `release` may run on any thread
+ * (normally the event loop's), must not block, and may be NULL when there
+ * is nothing to give back. The buffer given to `pread` is then left unused.
  *
  * Thread-safe, exactly once per op, like `nbdkit_reply`.
  *
