@@ -98,11 +98,12 @@ impl Completions {
         Completions { queue: Mutex::new(Queue { items: Vec::new(), closed: false, loop_asleep: false }), waker }
     }
 
-    pub fn push(&self, completion: Completion) -> Result<(), ReplyError> {
+    /// Queues a completion; hands it back if the loop has ended.
+    pub fn push(&self, completion: Completion) -> Result<(), Completion> {
         let wake = {
             let mut q = self.queue.lock();
             if q.closed {
-                return Err(ReplyError::Closed);
+                return Err(completion);
             }
             q.items.push(completion);
             std::mem::take(&mut q.loop_asleep)
@@ -175,10 +176,23 @@ pub fn unregister(server: usize) {
 
 /// Queues a reply for `token`, from any thread.
 pub fn complete(token: Token, outcome: Outcome) -> Result<(), ReplyError> {
-    // The registry lock is not held while pushing: a refused reply drops
-    // its outcome, and a lent buffer's release callback may reply again.
-    let completions = REGISTRY.read().servers.get(token.server()).and_then(|s| s.clone());
-    completions.ok_or(ReplyError::UnknownServer)?.push(Completion { token, outcome })
+    let refused = {
+        let r = REGISTRY.read();
+        match r.servers.get(token.server()).and_then(|s| s.as_ref()) {
+            Some(completions) => completions.push(Completion { token, outcome }).err().map(|c| (ReplyError::Closed, c.outcome)),
+            None => Some((ReplyError::UnknownServer, outcome)),
+        }
+    };
+    // A refused reply is dropped only now, with the registry unlocked:
+    // dropping lent read data runs the plugin's release callback, which
+    // may well reply to another op.
+    match refused {
+        None => Ok(()),
+        Some((why, outcome)) => {
+            drop(outcome);
+            Err(why)
+        }
+    }
 }
 
 /// Where each new op table starts its generations: different for every
