@@ -789,8 +789,8 @@ def targets(rows):
         ratio = c["iops"] / n["iops"]
         lines.append(
             f"(b′) the same with memdisk taking at most {MEMDISK_CAP} "
-            f"requests in flight (the rest wait in fio's queue, so libnbd's "
-            f"per-reply list walk is 4× shorter): {c['iops']:,.0f} IOPS = "
+            f"requests in flight (the rest wait unsent in fio's queue, off "
+            f"the list libnbd walks per reply): {c['iops']:,.0f} IOPS = "
             f"{ratio:.2f}× nbdkit -t4096, fio CPU {c['client_cpu_pct']:.0f} %")
 
     # (c) server CPU per IO.

@@ -1,10 +1,12 @@
 /* memdisk: an in-memory disk served over NBD with the asynchronous API.
  *
- * It plays the high-latency backend: every request is queued and finished
- * by a small pool of worker threads once an artificial latency has passed.
- * Thousands of requests can wait at once; no thread is tied to any of
- * them. With a single fixed latency, arrival order is deadline order, so
- * the timer queue is a plain FIFO.
+ * It plays the high-latency backend: with --latency-ms N every request is
+ * queued and finished by a small pool of worker threads once N ms have
+ * passed. Thousands of requests can wait at once; no thread is tied to
+ * any of them. With a single fixed latency, arrival order is deadline
+ * order, so the timer queue is a plain FIFO. With no latency (the
+ * default) it is a plain RAM disk and answers inside the callback. Reads
+ * of data are lent from the disk's own pages (nbdkit_reply_read_nocopy).
  *
  * Each --export adds a disk of --size bytes under that name (the first is
  * the default export). Disks are sparse: block status and reads report
