@@ -175,6 +175,10 @@ main (int argc, char *argv[])
     return EXIT_FAILURE;
   nbdkit_server_set_readonly (srv, readonly);
   nbdkit_server_set_threads (srv, (uint32_t) threads);
+  /* On SIGINT/SIGTERM, requests in flight get 5 s before their clients
+   * are answered ESHUTDOWN, so a stuck disk cannot hold the exit forever.
+   */
+  nbdkit_server_set_shutdown_grace_ms (srv, 5000);
 
   struct sigaction sa = { .sa_handler = on_signal };
   sigaction (SIGINT, &sa, NULL);

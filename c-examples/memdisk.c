@@ -16,8 +16,13 @@
  *                 [--latency-ms N] [--workers N] [--readonly] [--export NAME]...
  *                 [--max-inflight N] [--max-connections N]
  *                 [--handshake-timeout-ms N] [--request-timeout-ms N]
+ *                 [--shutdown-grace-ms N] [--max-request-size N[K|M]]
  *                 [--fd N] [--tls=off|on|require] [--tls-certificates DIR]
  *                 [--tls-verify-peer]
+ *
+ * On SIGINT or SIGTERM it stops taking requests and gives those in flight
+ * --shutdown-grace-ms (default 5000) to finish before their clients are
+ * answered ESHUTDOWN; -1 waits for every one.
  *
  * --fd N serves one client already connected on descriptor N (0 when a
  * client starts us over a socketpair) and exits when it leaves. Sockets
@@ -418,6 +423,7 @@ usage (void)
            " [--export NAME]...\n"
            "               [--max-inflight N] [--max-connections N]\n"
            "               [--handshake-timeout-ms N] [--request-timeout-ms N]\n"
+           "               [--shutdown-grace-ms N] [--max-request-size N[K|M]]\n"
            "               [--fd N] [--tls=off|on|require] [--tls-certificates DIR]\n"
            "               [--tls-verify-peer]\n");
   exit (EXIT_FAILURE);
@@ -433,6 +439,8 @@ main (int argc, char *argv[])
   int workers = 2, readonly = 0;
   long max_inflight = 0, max_connections = 0;
   long handshake_timeout_ms = -1, request_timeout_ms = 0;
+  long shutdown_grace_ms = 5000;
+  uint64_t max_request_size = 0;
   int client_fd = -1;
   int tls = NBDKIT_TLS_OFF, tls_verify_peer = 0;
   const char *tls_certificates = NULL;
@@ -449,6 +457,8 @@ main (int argc, char *argv[])
     { "max-connections", required_argument, NULL, 'c' },
     { "handshake-timeout-ms", required_argument, NULL, 'H' },
     { "request-timeout-ms", required_argument, NULL, 'R' },
+    { "shutdown-grace-ms", required_argument, NULL, 'G' },
+    { "max-request-size", required_argument, NULL, 'M' },
     { "fd", required_argument, NULL, 'f' },
     { "tls", required_argument, NULL, 'T' },
     { "tls-certificates", required_argument, NULL, 'C' },
@@ -473,6 +483,8 @@ main (int argc, char *argv[])
     case 'c': max_connections = atol (optarg); break;
     case 'H': handshake_timeout_ms = atol (optarg); break;
     case 'R': request_timeout_ms = atol (optarg); break;
+    case 'G': shutdown_grace_ms = atol (optarg); break;
+    case 'M': max_request_size = parse_size (optarg); break;
     case 'f': client_fd = atoi (optarg); break;
     case 'T':
       if (strcmp (optarg, "off") == 0) tls = NBDKIT_TLS_OFF;
@@ -518,10 +530,17 @@ main (int argc, char *argv[])
   if (handshake_timeout_ms >= 0)
     nbdkit_server_set_handshake_timeout_ms (srv, (uint32_t) handshake_timeout_ms);
   nbdkit_server_set_request_timeout_ms (srv, (uint32_t) request_timeout_ms);
+  nbdkit_server_set_shutdown_grace_ms (srv, shutdown_grace_ms);
+  if (max_request_size > UINT32_MAX ||
+      (max_request_size > 0 &&
+       nbdkit_server_set_max_request_size (srv, (uint32_t) max_request_size) < 0))
+    return EXIT_FAILURE;
   if (tls != NBDKIT_TLS_OFF) {
-    if (tls_certificates == NULL ||
-        nbdkit_server_set_tls_certificates (srv, tls_certificates) < 0)
+    if (tls_certificates == NULL)
       usage ();
+    /* The library has logged which file was refused, and why. */
+    if (nbdkit_server_set_tls_certificates (srv, tls_certificates) < 0)
+      return EXIT_FAILURE;
     nbdkit_server_set_tls (srv, tls);
     nbdkit_server_set_tls_verify_peer (srv, tls_verify_peer);
   }

@@ -336,6 +336,9 @@ int main(int argc, char *argv[]) {
   nbdkit_server *srv = nbdkit_server_new(&plugin, sizeof plugin, &disk);
   if (srv == nullptr)
     return EXIT_FAILURE;
+  // On SIGINT/SIGTERM, requests in flight get 5 s to finish before their
+  // clients are answered ESHUTDOWN: a stuck backend cannot hold the exit.
+  nbdkit_server_set_shutdown_grace_ms(srv, 5000);
 
   std::string uri;
   if (unix_path) {

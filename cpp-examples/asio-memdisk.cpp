@@ -180,6 +180,9 @@ int main(int argc, char *argv[])
                  std::chrono::milliseconds(latency_ms));
     nbdkit::server srv(disk, "asio-memdisk");
     srv.export_description("in-memory disk (libnbdkit-async asio example)");
+    // On SIGINT/SIGTERM, requests in flight get 5 s to finish before their
+    // clients are answered ESHUTDOWN: a stuck backend cannot hold the exit.
+    srv.shutdown_grace(std::chrono::seconds(5));
 
     /* Before the URI is printed: whoever reads it may signal us at once.
      * The handler runs on a pool thread; shutdown() is thread-safe.

@@ -3,11 +3,17 @@
  *
  * Generated from the Rust sources by cbindgen (see build.rs): do not edit.
  *
- * Ownership and threading, in short: all plugin callbacks run on the
- * thread that calls nbdkit_main_loop and must not block. Each op handed to
- * an I/O callback is answered exactly once with nbdkit_reply,
- * nbdkit_reply_read or nbdkit_reply_error, from any thread. Set-up
- * functions belong to the thread that owns the server.
+ * Ownership and threading, in short: plugin callbacks run on the thread
+ * that runs the loop (nbdkit_main_loop, or the host's thread calling
+ * nbdkit_server_process) and must not block, with these exceptions: a
+ * synchronous plugin's I/O callbacks run on library worker threads; a lent
+ * read's `release` runs on whichever thread drops the reply (normally the
+ * loop's); the log callback runs on any thread that logs; and `close` of a
+ * connection whose ops the plugin still held runs in nbdkit_server_free, on
+ * its caller's thread. Each op handed to an I/O callback is answered exactly
+ * once with a reply function, from any thread. Set-up functions belong to
+ * the thread that owns the server, before the loop starts; called from a
+ * callback, they and the loop functions return -EBUSY rather than block.
  */
 
 #ifndef NBDKIT_ASYNC_H
@@ -119,6 +125,16 @@
 #define NBDKIT_TLS_REQUIRE 2
 
 /**
+ * The version of the headers a program was compiled with. Compare with
+ * `nbdkit_async_version()` to see what it runs against.
+ */
+#define NBDKIT_ASYNC_VERSION_MAJOR 0
+
+#define NBDKIT_ASYNC_VERSION_MINOR 1
+
+#define NBDKIT_ASYNC_VERSION_MICRO 0
+
+/**
  * The export list being built by a `list_exports` callback; add to it
  * with `nbdkit_add_export`. Valid only during that callback.
  */
@@ -170,14 +186,24 @@ typedef struct nbdkit_extent {
  * an older plugin does not know are treated as NULL.
  *
  * Every callback runs on the event-loop thread and must not block: an I/O
- * callback starts the work and returns at once.
+ * callback starts the work and returns at once. (`close` may also run in
+ * `nbdkit_server_free`, on its caller's thread.)
  *
- * I/O callbacks (`pread`, `pwrite`, `flush`, `trim`, `zero`, `cache`)
- * receive the op first and the plugin's per-connection handle second.
- * Returning 0 means the plugin took the op and will answer it exactly once
- * with one of the valid replies named below. Returning -1 means the op
- * failed at once: the library answers the client with `errno` (EIO if the
- * callback left errno at 0), and the plugin must not reply to that op.
+ * I/O callbacks (`pread`, `pwrite`, `flush`, `trim`, `zero`, `cache`,
+ * `extents`) receive the op first and the plugin's per-connection handle
+ * second. What they return is a separate channel from the reply:
+ * - 0: the plugin took the op and answers it exactly once with one of the
+ *   valid replies named below (inside the callback or later). Call the
+ *   reply function and then `return 0`; do not return its result.
+ * - -1: the op failed at once with `errno` (EIO if the callback left
+ *   errno at 0). The library answers the client; the plugin must not
+ *   reply to the op, nor touch its buffer after returning.
+ * - any other negative value, -E: the op failed at once with errno E
+ *   (`return -ENOSPC;`), as for -1. Values below -4095 mean EIO.
+ * - a positive value is a plugin bug: it is logged as an error and the
+ *   client is answered EIO, but the op is kept (its buffer stays valid)
+ *   until the plugin replies to it, as the plugin may still do.
+ *
  * A NULL I/O callback means the command is not offered to clients.
  *
  * Capability callbacks (`can_*`) return 1 (yes), 0 (no) or -1 (error:
@@ -195,8 +221,13 @@ typedef struct nbdkit_plugin_lowlevel {
    * also briefly when a client asks about an export (NBD_OPT_INFO).
    * `readonly` is 1 when the server or connection is read-only.
    * `export_name` is the export the client chose, valid only during the
-   * call. Return NULL (with errno set, ENOENT for an unknown export) to
-   * refuse the client. If NULL, the handle is `user_data`.
+   * call. Return NULL with errno set to refuse the client, which is told
+   * why in the option's error message and logged at warning level:
+   * ENOENT gives NBD_REP_ERR_UNKNOWN (no such export); EPERM, EACCES or
+   * EROFS give NBD_REP_ERR_POLICY; EINVAL NBD_REP_ERR_INVALID;
+   * ESHUTDOWN NBD_REP_ERR_SHUTDOWN; anything else (EIO, ENOMEM, a
+   * backend that is down; errno 0 counts as EIO) NBD_REP_ERR_PLATFORM.
+   * If NULL, the handle is `user_data`.
    */
   void *(*open)(void *user_data, int readonly, const char *export_name);
   /**
@@ -289,10 +320,15 @@ typedef struct nbdkit_plugin_lowlevel {
   int (*cache)(struct nbdkit_op *op, void *handle, uint32_t count, uint64_t offset, uint32_t flags);
   /**
    * Tells the plugin that nobody wants `op` any more: its client
-   * disconnected, or the server is shutting down. Called at most once per
-   * op, on the event-loop thread, while the op is still unanswered. A
-   * gateway can abort the upstream request. The op must still be replied
-   * to exactly once (any reply will do; ECANCELED is customary). May be NULL.
+   * disconnected, the server is shutting down, or the request timeout
+   * passed (the client was then answered ETIMEDOUT already). Called at
+   * most once per op, on the event-loop thread, for an op the loop has
+   * not yet seen a reply to: a reply the plugin sent from another thread
+   * just before may cross it, so an op may be cancelled after the
+   * plugin answered it (ignore such a cancel). A gateway can abort the
+   * upstream request. An op not yet answered must still be replied to
+   * exactly once (any reply will do; ECANCELED is customary); its buffer
+   * stays valid until then. May be NULL.
    */
   void (*cancel)(struct nbdkit_op *op, void *handle);
   /**
@@ -310,9 +346,10 @@ typedef struct nbdkit_plugin_lowlevel {
   /**
    * Block size constraints: minimum (a power of 2, at most 64 KiB),
    * preferred (a power of 2) and maximum (a multiple of the minimum; the
-   * library caps it at 32 MiB). Return 0 or -1. Requests breaking them
-   * are refused with EINVAL before the plugin sees them. Default 1 /
-   * 4096 / 32 MiB.
+   * library lowers it to the server's maximum request size, 64 MiB by
+   * default). Return 0 or -1. Requests breaking them are refused with
+   * EINVAL before the plugin sees them. Default 1 / 4096 / the server's
+   * maximum request size.
    */
   int (*block_size)(void *handle, uint32_t *minimum, uint32_t *preferred, uint32_t *maximum);
   /**
@@ -475,8 +512,9 @@ extern "C" {
  * call `nbdkit_server_process` when it is. It stays valid until
  * `nbdkit_server_free`; do not read from it or close it.
  *
- * Set-up thread only. Returns the descriptor, or a negative errno
- * (-EBUSY while `nbdkit_main_loop` runs).
+ * Callable from the thread that owns the server, callbacks included.
+ * Returns the descriptor, or a negative errno: -EINVAL for a NULL server,
+ * -EBUSY while `nbdkit_main_loop` runs the server.
  */
 int nbdkit_server_fd(struct nbdkit_server *srv);
 
@@ -488,14 +526,26 @@ int nbdkit_server_fd(struct nbdkit_server *srv);
  *
  * Returns 1 while the server runs, 0 once a requested shutdown has
  * completed (stop watching the descriptor; free the server when your
- * threads are done with its ops), or a negative errno.
+ * threads are done with its ops), or a negative errno: -EBUSY at once
+ * when called from inside one of the server's callbacks, from a second
+ * thread while a call runs, or while `nbdkit_main_loop` runs the server;
+ * -EIO after an internal error (logged; the server's memory is then kept
+ * so that buffers the plugin holds stay valid); others when the server
+ * cannot start.
  */
 int nbdkit_server_process(struct nbdkit_server *srv);
 
 /**
  * Milliseconds until `nbdkit_server_process` must be called even if the
- * descriptor stays quiet (a timeout is due), or -1 if only readiness
- * matters. Ask again after every `nbdkit_server_process`. Set-up thread only.
+ * descriptor stays quiet (a timer is due), to pass to poll(2) or the
+ * like. Ask again after every `nbdkit_server_process`. Callable from the
+ * thread that owns the server.
+ *
+ * Returns 0 or more: that many milliseconds; -1: no deadline, only
+ * readiness of the descriptor matters (also once the server has
+ * stopped); any other negative value is an error: -EINVAL for a NULL
+ * server, -EBUSY from inside a callback or while `nbdkit_main_loop` runs
+ * the server, -EIO after an internal error.
  */
 int nbdkit_server_timeout_ms(struct nbdkit_server *srv);
 
@@ -506,11 +556,28 @@ int nbdkit_server_timeout_ms(struct nbdkit_server *srv);
  *
  * The callback may be called from any thread (the loop thread, worker
  * threads, threads calling reply functions), concurrently; `message` is
- * valid only during the call. It must not call back into the library.
+ * valid only during the call. Lines about one client start with
+ * `conn N: `. The callback must not call `nbdkit_set_log_callback` (that
+ * call is ignored, with a line on stderr); lines it logs with
+ * `nbdkit_log` go to stderr.
  */
 void nbdkit_set_log_callback(void (*callback)(void *user_data, int level, const char *message),
                              void *user_data,
                              int max_level);
+
+/**
+ * Logs `message` at `level` (NBDKIT_LOG_*) through the library's log:
+ * the callback set with `nbdkit_set_log_callback`, or stderr. For plugins
+ * and wrappers whose lines belong beside the library's. The string is
+ * copied. Thread-safe: call from any thread, callbacks included.
+ *
+ * Returns 0 (also when the level filters the line out), or -EINVAL for
+ * a NULL message or a level outside 1-5.
+ *
+ * # Safety
+ * `message` must be NULL or a NUL-terminated string.
+ */
+int nbdkit_log(int level, const char *message);
 
 /**
  * Adds an export to the list a `list_exports` callback is building.
@@ -630,8 +697,10 @@ int nbdkit_reply_read_extents(struct nbdkit_op *op, const struct nbdkit_extent *
  * The struct is copied; `user_data` is passed to `open` and never touched
  * by the library.
  *
- * Returns NULL on error (logged): missing `get_size` or `pread`, or a
- * plugin built against a newer header with callbacks this library lacks.
+ * Returns NULL on error, logged and with `errno` set: EINVAL for a NULL
+ * plugin or one missing `get_size` or `pread`; ENOTSUP for a plugin built
+ * against a newer header with callbacks this library lacks; EMFILE,
+ * ENOMEM and the like when the loop's descriptors cannot be made.
  * Callable from any thread; that thread then owns the server's set-up.
  * Free with `nbdkit_server_free`.
  *
@@ -650,7 +719,9 @@ struct nbdkit_server *nbdkit_server_new(const struct nbdkit_plugin_lowlevel *plu
  * `thread_model` allows.
  *
  * `plugin_size` is `sizeof(struct nbdkit_plugin)` as the plugin was
- * compiled. Returns NULL on error (logged). Free with `nbdkit_server_free`.
+ * compiled. Returns NULL on error, logged and with `errno` set as for
+ * `nbdkit_server_new` (EINVAL also for an unknown thread model). Free
+ * with `nbdkit_server_free`.
  *
  * # Safety
  * As for `nbdkit_server_new`.
@@ -660,15 +731,19 @@ struct nbdkit_server *nbdkit_server_new_sync(const struct nbdkit_plugin *plugin,
                                              void *user_data);
 
 /**
- * Releases a server. NULL is ignored. Must not be called while
- * `nbdkit_main_loop` runs on it, nor twice. Ops of this server replied
- * to afterwards are ignored (the reply returns -ESTALE).
+ * Releases a server. NULL is ignored. Ops of this server replied to
+ * afterwards are ignored (the reply returns -ESTALE). Call it once, from
+ * the thread that owns the server, after `nbdkit_main_loop` returned (or
+ * `nbdkit_server_process` returned 0 or was never called). Called while
+ * the loop runs (from a callback, or from another thread during
+ * `nbdkit_main_loop`) it logs an error and frees nothing.
  */
 void nbdkit_server_free(struct nbdkit_server *srv);
 
 /**
- * Listens on a Unix socket at `path`. A stale socket file there is
- * replaced; any other file is an error. The path is removed when the
+ * Listens on a Unix socket at `path`. A stale socket file there (one no
+ * server answers on) is replaced; a socket a live server answers on gives
+ * -EADDRINUSE, and so does any other file. The path is removed when the
  * loop ends. Set-up thread only, before `nbdkit_main_loop`.
  *
  * Returns 0 or a negative errno.
@@ -692,11 +767,14 @@ int nbdkit_server_listen_tcp(struct nbdkit_server *srv, const char *host, uint16
 
 /**
  * Listens on the sockets systemd passed when socket-activating this
- * process (LISTEN_PID / LISTEN_FDS, from fd 3), Unix or TCP. Set-up
- * thread only, before `nbdkit_main_loop`.
+ * process (LISTEN_PID / LISTEN_FDS, from fd 3), Unix or TCP. The sockets
+ * are taken once per process: the call clears LISTEN_PID, LISTEN_FDS
+ * and LISTEN_FDNAMES as `sd_listen_fds(1)` does, and later calls (for
+ * this or another server) take none. Set-up thread only, before
+ * `nbdkit_main_loop`.
  *
  * Returns how many sockets were taken (0 when the process was not
- * socket-activated), or a negative errno.
+ * socket-activated or they were taken already), or a negative errno.
  */
 int nbdkit_server_listen_systemd(struct nbdkit_server *srv);
 
@@ -746,6 +824,17 @@ int nbdkit_server_set_export_description(struct nbdkit_server *srv, const char *
 int nbdkit_server_set_max_inflight(struct nbdkit_server *srv, uint32_t max_ops);
 
 /**
+ * Sets the largest READ or WRITE a client may send, in bytes (default
+ * 64 MiB, as nbdkit; at least 512, at most 1 GiB). It is advertised to
+ * clients as the maximum block size (NBD_INFO_BLOCK_SIZE); a plugin's
+ * `block_size` maximum above it is lowered to it. Larger requests are
+ * refused with EINVAL (a client sending a larger payload with extended
+ * headers is disconnected). Set-up thread only. Returns 0, or -EINVAL
+ * outside that range.
+ */
+int nbdkit_server_set_max_request_size(struct nbdkit_server *srv, uint32_t bytes);
+
+/**
  * Sets how many worker threads run a synchronous plugin's callbacks
  * (default 16, like nbdkit). Ignored for asynchronous plugins, which get
  * no threads from the library. Set-up thread only. Returns 0, or -EINVAL for 0.
@@ -761,12 +850,14 @@ int nbdkit_server_set_max_connections(struct nbdkit_server *srv, uint32_t max_co
 
 /**
  * Caps the memory clients can make the server hold: request payloads,
- * read buffers and unsent replies, per connection (default 256 MiB) and
+ * read buffers and unsent replies, per connection (default 64 MiB) and
  * over all connections (default 1 GiB). A connection at its cap, or any
  * connection holding memory while the total is at its cap, gets no new
  * request read until replies go out; one connection at a time that holds
  * nothing may still start one, so no client starves. A request may thus
- * overshoot a cap by its own size (at most 32 MiB). A WRITE payload, once
+ * overshoot a cap by its own size (see
+ * `nbdkit_server_set_max_request_size`). Independently, a client whose
+ * unsent replies pass 4 MiB gets no new request read until it reads them. A WRITE payload, once
  * started, is received to its end; its buffer grows with what the client
  * actually sent, so a client stalling mid-payload holds at most that (cap
  * connections with `nbdkit_server_set_max_connections` to bound those).
@@ -803,18 +894,29 @@ int nbdkit_server_set_shutdown_grace_ms(struct nbdkit_server *srv, int64_t ms);
 /**
  * Runs the server on the calling thread until `nbdkit_server_shutdown` or
  * `nbdkit_shutdown`. On shutdown it stops accepting clients and reading
- * requests, waits for every op in flight to be replied to and for the
+ * requests, waits for every op in flight to be answered (by the plugin,
+ * or with ESHUTDOWN once the shutdown grace has passed) and for the
  * replies to reach clients, closes every connection, and returns.
  *
- * All plugin callbacks run on this thread. Call it once per server.
- * Returns 0 after a clean shutdown, or a negative errno.
+ * `open`, `close`, the capability callbacks and an async plugin's I/O
+ * callbacks run on this thread (see the header's opening comment for the
+ * rest). Call it once per server, from the thread that owns it.
+ *
+ * Returns 0 after a clean shutdown, -EBUSY at once when the loop is
+ * already running (a second call, from any thread or from a callback) or
+ * has run, -EIO after an internal error (logged; the server's memory is
+ * then kept so that buffers the plugin holds stay valid), or another
+ * negative errno when the loop could not start (a listening socket, TLS).
  */
 int nbdkit_main_loop(struct nbdkit_server *srv);
 
 /**
  * Asks one server's loop to shut down (see `nbdkit_main_loop`) and
- * returns at once. Thread-safe: call it from any thread, any number of
- * times, before or while the loop runs.
+ * returns at once without waiting for it. Thread-safe: call it from any
+ * thread (callbacks included), any number of times, before, while or
+ * after the loop runs; a loop not yet started stops as soon as it starts.
+ *
+ * Returns 0 when the request is recorded, or -EINVAL for a NULL server.
  */
 int nbdkit_server_shutdown(struct nbdkit_server *srv);
 
@@ -828,9 +930,11 @@ void nbdkit_shutdown(void);
 
 /**
  * Fills `out` (of `size` bytes, normally `sizeof *out`) with the server's
- * counters. Thread-safe: call from any thread at any time while the
- * server exists. Each counter is exact; together they are a snapshot
- * taken while the server keeps running.
+ * counters. A larger `size` (a program built against a newer header)
+ * gets the fields this library does not know set to 0. Thread-safe:
+ * call from any thread (callbacks included) at any time while the server
+ * exists. Each counter is exact; together they are a snapshot taken
+ * while the server keeps running.
  *
  * Returns 0 or a negative errno.
  *
@@ -859,7 +963,12 @@ int nbdkit_server_set_tls(struct nbdkit_server *srv, int mode);
  * nbdkit, qemu and libnbd expect: `server-cert.pem` (the chain, leaf
  * first) and `server-key.pem`, plus `ca-cert.pem` if present (used to
  * verify clients, see `nbdkit_server_set_tls_verify_peer`). The files
- * are read now. Set-up thread only. Returns 0 or a negative errno.
+ * are read and checked now (PEM syntax, the key matching the
+ * certificate, a key type and size the TLS stack accepts: RSA of 2048
+ * bits or more, ECDSA, Ed25519); an error names the file and the reason
+ * in the log. Set-up thread only. Returns 0, or a negative errno: the
+ * file's errno (ENOENT, EACCES) when it cannot be read, EINVAL when its
+ * contents are refused; the settings are then unchanged.
  *
  * # Safety
  * `dir` must be a NUL-terminated string.
@@ -869,7 +978,9 @@ int nbdkit_server_set_tls_certificates(struct nbdkit_server *srv, const char *di
 /**
  * Sets the server's certificate chain and key, and optionally the CA
  * for client verification, from PEM text in memory (copied). `ca_pem`
- * may be NULL. Set-up thread only. Returns 0 or a negative errno.
+ * may be NULL. They are checked now, as by
+ * `nbdkit_server_set_tls_certificates`. Set-up thread only. Returns 0,
+ * or -EINVAL (logged with the reason) when they are refused.
  *
  * # Safety
  * Each non-NULL argument must be a NUL-terminated string.
@@ -898,6 +1009,14 @@ int nbdkit_server_set_tls_verify_peer(struct nbdkit_server *srv, int verify);
  * `len` must be NULL or point to a writable size_t.
  */
 const uint8_t *nbdkit_tls_peer_certificate(size_t *len);
+
+/**
+ * The version of the library the program runs against, as
+ * "MAJOR.MINOR.MICRO" (the same numbers as the header's
+ * NBDKIT_ASYNC_VERSION_* when they match). A static string: never free
+ * it. Thread-safe; callable at any time.
+ */
+const char *nbdkit_async_version(void);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -22,9 +22,10 @@
  * server::main_loop() (the event-loop thread) and must return at once: start
  * the work (post it to your asio executor, queue it, ...) and answer the op
  * later from whichever thread finishes it. No exception ever reaches the
- * library: the adaptor catches it, logs it to stderr, and the op is answered
- * EIO (unless your code had already handed it on, in which case its new
- * owner answers it).
+ * library: the adaptor catches it, logs it through the library's log
+ * (nbdkit_set_log_callback, else stderr), and the op is answered EIO
+ * (unless your code had already handed it on, in which case its new owner
+ * answers it).
  *
  * A plugin class: get_size and pread are required, every other member is
  * optional. Names must not be overloaded (they are looked up by name).
@@ -131,13 +132,33 @@ inline int to_errno(const std::error_code &ec) noexcept
 
 namespace detail {
 
-/* One line to stderr per call, so lines from several threads do not mix. */
+/* One line through the library's log (the host's log callback, or
+ * stderr), so the wrapper's lines sit beside the library's.
+ */
 inline void log_error(const char *what, const char *more = nullptr) noexcept
 {
   char line[512];
-  std::snprintf(line, sizeof line, "nbdkit-async++: error: %s%s%s\n", what,
+  std::snprintf(line, sizeof line, "nbdkit-async++: %s%s%s", what,
                 more ? ": " : "", more ? more : "");
-  std::fputs(line, stderr);
+  nbdkit_log(NBDKIT_LOG_ERROR, line);
+}
+
+/* While an I/O member runs on this thread: ops its exception abandons are
+ * counted here and reported after the exception itself, cause first.
+ */
+struct io_scope_state {
+  int depth = 0;
+  int abandoned = 0;
+};
+inline thread_local io_scope_state io_scope;
+
+inline void log_abandoned() noexcept
+{
+  if (io_scope.abandoned > 0)
+    log_error(io_scope.abandoned == 1
+              ? "op abandoned by an exception; answered EIO"
+              : "ops abandoned by an exception; answered EIO");
+  io_scope.abandoned = 0;
 }
 
 /* Logs the exception being handled; returns the errno it stands for. */
@@ -326,10 +347,13 @@ private:
   {
     if (raw_ == nullptr)
       return;
-    detail::log_error(std::uncaught_exceptions() > 0
-                      ? "op abandoned by an exception; answering EIO"
-                      : "op destroyed without a reply; answering EIO");
     nbdkit_reply_error(std::exchange(raw_, nullptr), EIO);
+    if (std::uncaught_exceptions() > 0 && detail::io_scope.depth > 0)
+      ++detail::io_scope.abandoned;   /* logged after the exception */
+    else
+      detail::log_error(std::uncaught_exceptions() > 0
+                        ? "op abandoned by an exception; answered EIO"
+                        : "op destroyed without a reply; answered EIO");
   }
 
   nbdkit_op *raw_ = nullptr;
@@ -461,12 +485,15 @@ struct adaptor {
   template <class F>
   static int io(const char *name, F f) noexcept
   {
+    ++io_scope.depth;
     try {
       f();
     }
     catch (...) {
       log_current_exception(name);
     }
+    --io_scope.depth;
+    log_abandoned();
     return 0;
   }
   static int pread(nbdkit_op *o, void *h, void *buf, uint32_t count,

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::os::fd::{FromRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
@@ -51,13 +52,24 @@ fn prepare(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Set once the inherited sockets are taken: they have one owner.
+static TAKEN: AtomicBool = AtomicBool::new(false);
+
 /// Listening sockets from systemd (LISTEN_PID is us, LISTEN_FDS counts
-/// them from fd 3). None when the process was not socket-activated.
+/// them from fd 3). None when the process was not socket-activated, or
+/// when an earlier call took them. Like `sd_listen_fds(1)`, it clears
+/// LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES, so neither a second call
+/// nor a child process takes the same descriptors again.
 pub fn systemd_listeners() -> io::Result<Vec<Listener>> {
     let ours = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
     let count = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse::<RawFd>().ok()).unwrap_or(0);
-    if !ours || count <= 0 {
+    if !ours || count <= 0 || TAKEN.swap(true, Ordering::SeqCst) {
         return Ok(Vec::new());
+    }
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        // SAFETY: as sd_listen_fds does; the documented set-up thread is
+        // the one place the library touches the environment.
+        unsafe { std::env::remove_var(var) };
     }
     let mut out = Vec::new();
     for fd in LISTEN_FDS_START..LISTEN_FDS_START + count {

@@ -24,6 +24,9 @@ const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
 /// Most ops one server can have in flight at once.
 pub(crate) const MAX_OPS: usize = 1 << SLOT_BITS;
 
+// Op handles travel to C as pointers (`nbdkit_op *`): a token must fit.
+const _: () = assert!(std::mem::size_of::<u64>() <= std::mem::size_of::<*mut u8>(), "op tokens need 64-bit pointers");
+
 /// A packed op handle: server (16 bits) | slot (24 bits) | generation (24 bits).
 /// The generation is never 0, so no token is NULL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,7 +115,7 @@ impl Completions {
         // it drains everything queued by then in one go.
         if wake {
             if let Err(e) = self.waker.wake() {
-                log::error!("cannot wake the event loop: {e}");
+                log::error!("cannot wake the event loop: {}", crate::errno::Describe(&e));
             }
         }
         Ok(())
@@ -199,28 +202,48 @@ pub fn complete(token: Token, outcome: Outcome) -> Result<(), ReplyError> {
 /// table, so even a reused server id does not recreate old tokens.
 static GENERATION_SEED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
+/// What is remembered of an answered op, to name it when the plugin
+/// answers it again.
+pub trait Retire {
+    type Summary: Copy;
+    fn summary(&self) -> Self::Summary;
+}
+
 /// The loop thread's table of ops in flight, keyed by token slot.
-pub struct OpTable<T> {
+pub struct OpTable<T: Retire> {
     server: usize,
     /// First generation of a fresh slot.
     seed: u32,
     ops: Slab<(u32, T)>,
-    /// Last generation used per slot, kept across removals so a stale token
-    /// never matches the slot's next op.
-    generations: Vec<u32>,
+    /// Per slot: the last generation used, kept across removals so a stale
+    /// token never matches the slot's next op, and a summary of the op
+    /// that last left the slot.
+    generations: Vec<(u32, Option<T::Summary>)>,
 }
 
-impl<T> Default for OpTable<T> {
+impl<T: Retire> Default for OpTable<T> {
     fn default() -> Self {
         OpTable::new(0)
     }
 }
 
-impl<T> OpTable<T> {
+impl<T: Retire> OpTable<T> {
     pub fn new(server: usize) -> Self {
         // A large odd step walks all 2^24 generations before repeating.
         let seed = GENERATION_SEED.fetch_add(0x9e_3779, std::sync::atomic::Ordering::Relaxed) & GEN_MASK as u32;
         OpTable { server, seed, ops: Slab::new(), generations: Vec::new() }
+    }
+
+    /// The op `token` named, if it was answered and its slot not reused
+    /// since: a second reply to it.
+    pub fn retired(&self, token: Token) -> Option<T::Summary> {
+        if token.server() != self.server || self.ops.contains(token.slot()) {
+            return None;
+        }
+        match self.generations.get(token.slot()) {
+            Some(&(g, summary)) if g == token.generation() => summary,
+            _ => None,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -238,9 +261,9 @@ impl<T> OpTable<T> {
 
     fn next_generation(&mut self, slot: usize) -> u32 {
         if slot == self.generations.len() {
-            self.generations.push(self.seed);
+            self.generations.push((self.seed, None));
         }
-        let g = &mut self.generations[slot];
+        let g = &mut self.generations[slot].0;
         *g = (*g + 1) & GEN_MASK as u32;
         if *g == 0 {
             *g = 1;
@@ -280,13 +303,27 @@ impl<T> OpTable<T> {
 
     pub fn remove(&mut self, token: Token) -> Option<T> {
         self.get(token)?;
-        Some(self.ops.remove(token.slot()).1)
+        let op = self.ops.remove(token.slot()).1;
+        self.generations[token.slot()].1 = Some(op.summary());
+        Some(op)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Retire for &'static str {
+        type Summary = &'static str;
+        fn summary(&self) -> &'static str {
+            self
+        }
+    }
+
+    impl Retire for () {
+        type Summary = ();
+        fn summary(&self) {}
+    }
 
     #[test]
     fn token_fields_round_trip() {
@@ -308,12 +345,16 @@ mod tests {
         assert_eq!(table.get(b), None);
         assert_eq!(table.get(b2), Some(&mut "b"));
         assert_eq!(table.get(Token::new(4, b2.slot(), b2.generation())), None, "other server");
+        assert_eq!(table.retired(b2), None, "live ops are not retired");
+        assert_eq!(table.remove(b2), Some("b"));
+        assert_eq!(table.retired(b2), Some("b"), "a second reply names its op");
+        assert_eq!(table.retired(b), None, "an older token names nothing");
     }
 
     #[test]
     fn generation_skips_zero_on_wrap() {
         let mut table = OpTable::new(0);
-        table.generations.push(GEN_MASK as u32);
+        table.generations.push((GEN_MASK as u32, None));
         let t = table.insert(()).unwrap();
         assert_eq!(t.generation(), 1);
     }

@@ -9,10 +9,17 @@ use crate::tls::TlsSettings;
 /// Default cap on ops in flight per connection.
 pub(crate) const DEFAULT_MAX_INFLIGHT: usize = 4096;
 /// Default cap on bytes one connection may hold (payloads, read buffers,
-/// unsent replies) before its requests stop being read.
-pub(crate) const DEFAULT_MAX_CONNECTION_BYTES: usize = 256 * 1024 * 1024;
+/// unsent replies) before its requests stop being read: room for 64 reads
+/// of 1 MiB in flight, and 16 such clients before the total is reached.
+pub(crate) const DEFAULT_MAX_CONNECTION_BYTES: usize = 64 * 1024 * 1024;
 /// Default cap on those bytes summed over every connection.
 pub(crate) const DEFAULT_MAX_TOTAL_BYTES: usize = 1024 * 1024 * 1024;
+/// Largest READ or WRITE by default, as nbdkit's: above qemu-nbd's 32 MiB,
+/// so that clients sending 42 MiB requests (nbd-server's test suite) work.
+pub(crate) const DEFAULT_MAX_REQUEST: u32 = 64 * 1024 * 1024;
+/// The largest maximum a server may set: a request this size is held in
+/// memory whole.
+pub(crate) const MAX_REQUEST_LIMIT: u32 = 1 << 30;
 /// Worker threads for a synchronous plugin, as nbdkit's default.
 pub(crate) const DEFAULT_THREADS: usize = 16;
 /// A client gets this long to finish the handshake (as qemu-nbd).
@@ -28,6 +35,8 @@ pub struct Config {
     pub max_total_bytes: usize,
     /// 0 means no limit.
     pub max_connections: usize,
+    /// Largest READ or WRITE, advertised in NBD_INFO_BLOCK_SIZE.
+    pub max_request: u32,
     pub handshake_timeout: Option<Duration>,
     /// Answer the client with an error when the plugin takes longer.
     pub request_timeout: Option<Duration>,
@@ -51,6 +60,7 @@ impl Default for Config {
             max_connection_bytes: DEFAULT_MAX_CONNECTION_BYTES,
             max_total_bytes: DEFAULT_MAX_TOTAL_BYTES,
             max_connections: 0,
+            max_request: DEFAULT_MAX_REQUEST,
             handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
             request_timeout: None,
             shutdown_grace: None,

@@ -202,6 +202,22 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Whether `start` has run.
+    pub fn started(&self) -> bool {
+        self.state.started
+    }
+
+    /// After an internal error: closes every socket and refuses further
+    /// replies, but frees no op, so buffers the plugin holds stay valid.
+    /// The caller then leaks the loop.
+    pub fn abandon(&mut self) {
+        self.shared.completions.close();
+        self.listeners.clear();
+        for (_, c) in self.state.conns.iter_mut() {
+            c.break_off("server stopped after an internal error");
+        }
+    }
+
     /// The epoll descriptor: readable whenever `step` has work.
     pub fn fd(&self) -> RawFd {
         self.poll.as_raw_fd()
@@ -246,6 +262,10 @@ impl EventLoop {
 
     /// Handles one batch of readiness events, then completions and timers.
     fn handle(&mut self, events: &Events) -> bool {
+        #[cfg(test)]
+        if tests::PANIC_WITH_OPS.load(Ordering::SeqCst) && self.state.ops.len() > 0 {
+            panic!("injected by a test");
+        }
         let now = Instant::now();
         let mut touched = std::mem::take(&mut self.state.touched);
         touched.clear();
@@ -366,7 +386,7 @@ impl EventLoop {
             others_bytes: s.total_bytes - before,
             exempt: &mut s.exempt,
         };
-        let r = f(conn, &mut ctx);
+        let r = crate::logging::in_connection(conn.serial, || f(conn, &mut ctx));
         for buf in conn.spent_buffers() {
             s.buffers.give(buf);
         }
@@ -392,7 +412,7 @@ impl EventLoop {
                 Err(e) => {
                     // Out of descriptors or memory: the client waits in the
                     // backlog; try again soon, as no new edge may come.
-                    log::warn!("accept failed: {e}; retrying shortly");
+                    log::warn!("accept failed: {}; retrying shortly", crate::errno::Describe(&e));
                     self.state.accept_retry = Some(now + ACCEPT_RETRY);
                     return;
                 }
@@ -423,10 +443,10 @@ impl EventLoop {
             s.next_serial += 1;
             // SERIALIZE_CONNECTIONS: later clients wait, ungreeted, for their turn.
             let wait = self.plugin.thread_model() == Some(ThreadModel::SerializeConnections) && !s.conns.is_empty();
-            let mut conn = Connection::new(key, serial, stream, wait, self.config.tls_mode);
+            let mut conn = crate::logging::in_connection(serial, || Connection::new(key, serial, stream, wait, self.config.tls_mode));
             let stream = conn.stream_mut().expect("new connection");
             if let Err(e) = self.poll.registry().register(stream, MioToken(FIRST_CONN + key), Interest::READABLE | Interest::WRITABLE) {
-                log::warn!("cannot register connection: {e}");
+                log::warn!("cannot register a new connection: {}", crate::errno::Describe(&e));
                 return;
             }
             s.total_bytes += conn.held_total();
@@ -448,7 +468,10 @@ impl EventLoop {
         self.shared.completions.drain_into(&mut completed);
         for Completion { token, outcome } in completed.drain(..) {
             let Some(op) = self.state.ops.get(token) else {
-                log::warn!("reply to an op that was already answered or never existed; ignored (double reply?)");
+                match self.state.ops.retired(token) {
+                    Some(op) => log::warn!("second reply to {op} (the op was already answered); ignored"),
+                    None => log::warn!("reply with an unknown op handle (made up, or answered long ago); ignored"),
+                }
                 continue;
             };
             let key = op.conn;
@@ -468,10 +491,11 @@ impl EventLoop {
                 touched.push(key);
             }
         }
+        let timeout = self.config.request_timeout.unwrap_or_default();
         while let Some(token) = self.state.requests.as_mut().and_then(|r| r.pop_expired(now)) {
             let Some(op) = self.state.ops.get(token) else { continue };
             let key = op.conn;
-            self.with_conn(key, now, |c, ctx| c.answer_early(token, libc::ETIMEDOUT, ctx));
+            self.with_conn(key, now, |c, ctx| c.time_out(token, timeout, ctx));
             touched.push(key);
         }
     }
@@ -487,6 +511,7 @@ impl EventLoop {
                 // event would come to say so.
                 next = Next::Again;
             }
+            c.let_go_if_done();
             if c.client_gone() {
                 c.cancel_ops(ctx);
             }
@@ -511,7 +536,7 @@ impl EventLoop {
                 let _ = self.poll.registry().deregister(stream);
             }
             conn.close(&self.plugin);
-            log::debug!("connection {} finished", conn.serial);
+            crate::logging::in_connection(conn.serial, || log::debug!("connection finished"));
             self.greet_next_waiting(now);
         }
     }
@@ -552,21 +577,28 @@ impl EventLoop {
     fn shutdown_complete(&mut self, now: Instant) -> bool {
         let Some(since) = self.state.stopping_since else { return false };
         if let Some(grace) = self.config.shutdown_grace {
-            if !self.state.grace_expired && now >= since + grace && self.state.ops.len() > 0 {
-                log::warn!("{}: {} ops unanswered after the grace period; answering ESHUTDOWN", self.plugin.name, self.state.ops.len());
+            if !self.state.grace_expired && now >= since + grace && self.unanswered() > 0 {
+                log::warn!("{}: {} ops unanswered after the grace period; answering ESHUTDOWN", self.plugin.name, self.unanswered());
                 self.state.grace_expired = true;
+                let why = format!("no reply from the plugin within the {} ms shutdown grace", grace.as_millis());
                 let keys: Vec<usize> = self.state.conns.iter().map(|(k, _)| k).collect();
                 for key in keys {
                     self.with_conn(key, now, |c, ctx| {
-                        c.answer_all_early(libc::ESHUTDOWN, ctx);
+                        c.answer_all_early(libc::ESHUTDOWN, &why, ctx);
                         c.flush();
                     });
                 }
             }
         }
-        let answered = self.state.ops.len() == 0 || self.state.grace_expired;
+        // Ops whose clients were answered already (timed out) hold nobody up.
+        let answered = self.unanswered() == 0 || self.state.grace_expired;
         let flushed = self.state.conns.iter().all(|(_, c)| c.output_done());
         answered && (flushed || now >= since + SHUTDOWN_FLUSH_TIMEOUT)
+    }
+
+    /// Ops whose clients still wait for an answer.
+    fn unanswered(&self) -> usize {
+        self.state.conns.iter().map(|(_, c)| c.unanswered()).sum()
     }
 
     /// Closes every connection with nothing in flight. Connections whose
@@ -628,4 +660,12 @@ struct LoopState {
     buffers: BufferPool,
     /// Clients handed over before the loop started.
     pending: Vec<Stream>,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    /// Makes the next loop turn with an op in flight panic.
+    pub(crate) static PANIC_WITH_OPS: AtomicBool = AtomicBool::new(false);
 }

@@ -10,6 +10,7 @@ pub mod completion;
 pub mod config;
 pub mod conn;
 pub mod deadlines;
+pub mod errno;
 pub mod event_loop;
 pub mod loan;
 pub mod ffi;

@@ -11,7 +11,7 @@ use crate::completion::Token;
 use crate::ffi::plugin::*;
 use crate::ffi::sync_plugin::nbdkit_plugin;
 use crate::worker_pool::{Job, SyncIo, ThreadModel, WorkerPool};
-use crate::protocol::transmission::{ExportCaps, FuaMode, MAX_PAYLOAD};
+use crate::protocol::transmission::{ExportCaps, FuaMode};
 
 /// The plugin's per-connection handle from `open`.
 #[derive(Clone, Copy, Debug)]
@@ -197,7 +197,8 @@ impl Plugin {
     }
 
     /// Asks every capability once, for a connection that just opened `h`.
-    pub fn caps(&self, h: Handle, readonly: bool, structured_replies: bool) -> Result<ExportCaps, i32> {
+    /// Requests are capped at `max_request` bytes (the server's setting).
+    pub fn caps(&self, h: Handle, readonly: bool, max_request: u32) -> Result<ExportCaps, i32> {
         clear_errno();
         // SAFETY: get_size presence checked in new().
         let size = unsafe { (self.raw.get_size.unwrap())(h.0) };
@@ -237,19 +238,19 @@ impl Plugin {
             can_trim: writable && self.has(Io::Trim) && ask(raw.can_trim, true)?,
             can_zero,
             can_fast_zero: can_zero && ask(raw.can_fast_zero, false)?,
-            block_size: self.block_size(h)?,
+            block_size: self.block_size(h, max_request)?,
             base_allocation: false,
             extended_headers: false,
             can_cache: self.has(Io::Cache) && ask(raw.can_cache, true)?,
             can_multi_conn: ask(raw.can_multi_conn, false)?,
             fua,
-            structured_replies,
+            structured_replies: false,
         })
     }
 
     /// The plugin's block size constraints, checked, or the defaults.
-    fn block_size(&self, h: Handle) -> Result<(u32, u32, u32), i32> {
-        let Some(f) = self.raw.block_size else { return Ok((1, 4096, MAX_PAYLOAD)) };
+    fn block_size(&self, h: Handle, max_request: u32) -> Result<(u32, u32, u32), i32> {
+        let Some(f) = self.raw.block_size else { return Ok((1, 4096, max_request)) };
         let (mut min, mut pref, mut max) = (0u32, 0u32, 0u32);
         clear_errno();
         // SAFETY: plugin contract; the out pointers are live locals.
@@ -266,8 +267,8 @@ impl Plugin {
             log::error!("{}: invalid block sizes {min}/{pref}/{max}", self.name);
             return Err(libc::EINVAL);
         }
-        // Above our payload limit, round down to a multiple of the minimum.
-        let max = if max > MAX_PAYLOAD { MAX_PAYLOAD - MAX_PAYLOAD % min } else { max };
+        // Above the server's limit, round down to a multiple of the minimum.
+        let max = if max > max_request { max_request - max_request % min } else { max };
         Ok((min, pref.min(max.max(min)), max))
     }
 
@@ -280,13 +281,12 @@ impl Plugin {
     }
 
     /// Hands an op to the plugin. `buf` is the read buffer or write payload.
-    /// `Err(errno)` means the plugin refused it at once and will not reply.
     /// `conn` is the connection's serial (thread models serialize by it).
     #[allow(clippy::too_many_arguments)]
-    pub fn start(&self, io: Io, token: Token, conn: u64, h: Handle, buf: &mut [u8], count: u32, offset: u64, flags: u32) -> Result<(), i32> {
+    pub fn start(&self, io: Io, token: Token, conn: u64, h: Handle, buf: &mut [u8], count: u32, offset: u64, flags: u32) -> Started {
         if let Some(pool) = &self.pool {
             pool.submit(Job { token, conn, io, handle: h, buf: buf.as_mut_ptr(), count, offset, flags });
-            return Ok(());
+            return Started::Taken;
         }
         let op = token.0 as usize as *mut nbdkit_op;
         let r = &self.raw;
@@ -305,6 +305,50 @@ impl Plugin {
                 Io::Extents => r.extents.unwrap()(op, h.0, count, offset, flags),
             }
         };
-        if status == 0 { Ok(()) } else { Err(failure_errno()) }
+        Started::from_status(status)
+    }
+}
+
+/// What an I/O callback's return value says (see `nbdkit_plugin_lowlevel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    /// 0: the plugin took the op and answers it through a reply function.
+    Taken,
+    /// Negative: the op failed at once with this errno; the plugin will
+    /// not reply to it.
+    Failed(i32),
+    /// Positive: not a value the API defines. The client gets EIO, and the
+    /// op is kept, since the plugin may still reply and use its buffer.
+    Misuse(c_int),
+}
+
+/// Largest errno a callback may return negated (as the kernel's MAX_ERRNO).
+const MAX_ERRNO: c_int = 4095;
+
+impl Started {
+    /// Reads a callback's status, with errno still as the callback left it.
+    fn from_status(status: c_int) -> Started {
+        match status {
+            0 => Started::Taken,
+            -1 => Started::Failed(failure_errno()),
+            s if (-MAX_ERRNO..-1).contains(&s) => Started::Failed(-s),
+            s if s < 0 => Started::Failed(libc::EIO),
+            s => Started::Misuse(s),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callback_status_values() {
+        assert_eq!(Started::from_status(0), Started::Taken);
+        assert_eq!(Started::from_status(-libc::ENOSPC), Started::Failed(libc::ENOSPC));
+        assert_eq!(Started::from_status(-100_000), Started::Failed(libc::EIO));
+        assert_eq!(Started::from_status(1), Started::Misuse(1));
+        clear_errno();
+        assert_eq!(Started::from_status(-1), Started::Failed(libc::EIO), "-1 with errno 0 is EIO");
     }
 }

@@ -9,6 +9,7 @@ before an exception is answered once, errors map to errno, cancel works.
 """
 
 import errno
+import re
 import sys
 import time
 from pathlib import Path
@@ -107,7 +108,7 @@ def test_op_dropped_without_reply_answers_eio(ps, wrapper_bin):
     srv = serve(ps, wrapper_bin)
     h = connect(srv)
     expect_errno(errno.EIO, h.pread, 4096, 8 * MiB)
-    wait_stderr(srv, "op destroyed without a reply; answering EIO")
+    wait_stderr(srv, "op destroyed without a reply; answered EIO")
     assert h.pread(512, 0) == bytes(512)          # the connection lives on
 
 
@@ -115,8 +116,15 @@ def test_exception_in_handler_answers_eio(ps, wrapper_bin):
     srv = serve(ps, wrapper_bin)
     h = connect(srv)
     expect_errno(errno.EIO, h.pread, 4096, 9 * MiB)
-    wait_stderr(srv, "exception in pread: pread failed before hand-off")
-    wait_stderr(srv, "op abandoned by an exception; answering EIO")
+    cause = "exception in pread: pread failed before hand-off"
+    effect = "op abandoned by an exception; answered EIO"
+    wait_stderr(srv, effect)
+    err = srv.stderr()
+    assert cause in err and err.index(cause) < err.index(effect), (
+        "the cause must be logged before its effect\n" + srv.describe())
+    # Through the library's log, with its prefix, like the library's lines.
+    assert re.search(r"nbdkit-async: error: (conn \d+: )?nbdkit-async\+\+: "
+                     + re.escape(cause), err), srv.describe()
     assert h.pread(512, 0) == bytes(512)
 
 

@@ -44,9 +44,10 @@ HELD = 32 * MiB     # cancel mode holds reads/writes/trims/zeroes from here on
 
 BAD_MARKS = ("ERROR: AddressSanitizer", "LeakSanitizer", "HARNESS-ERROR",
              "panicked", "internal error")
-LATE_REPLY = "late reply after the client was answered; ignored"
+LATE_REPLY = "late reply after the client was answered; ignored"   # debug
 TIMED_OUT = "no reply from the plugin in time"
-DOUBLE_REPLY = "already answered or never existed"
+DOUBLE_REPLY = "second reply to"
+UNKNOWN_REPLY = "unknown op handle"
 
 # ---------------------------------------------------------------- harness
 
@@ -60,8 +61,9 @@ def harness_bin(tmp_path_factory):
 class Harness(HarnessProcess):
     """One api_harness process on a Unix socket in a private tmp dir."""
 
-    def __init__(self, binary, mode, args=()):
-        super().__init__(binary, args, before=("--mode", mode), prefix="nbdka-f-")
+    def __init__(self, binary, mode, args=(), env=None):
+        super().__init__(binary, args, before=("--mode", mode), prefix="nbdka-f-",
+                         env=env)
 
     def ops(self):
         return self.count("op ")
@@ -81,7 +83,8 @@ class Harness(HarnessProcess):
 
     def assert_clean_exit(self):
         err = self.assert_exit_ok(BAD_MARKS)
-        assert DOUBLE_REPLY not in err, "an op was answered twice\n" + self.report()
+        assert DOUBLE_REPLY not in err and UNKNOWN_REPLY not in err, (
+            "an op was answered twice\n" + self.report())
         out = self.out()
         assert "main_loop returned 0" in out, self.report()
         assert "reply-rc" not in out, "a reply call failed\n" + self.report()
@@ -94,8 +97,8 @@ def start(harness_bin):
     """start(mode, *args) -> a ready Harness; always killed at teardown."""
     servers = []
 
-    def _start(mode, *args):
-        s = Harness(harness_bin, mode, args)
+    def _start(mode, *args, env=None):
+        s = Harness(harness_bin, mode, args, env)
         servers.append(s)
         s.wait_ready()
         return s
@@ -182,7 +185,8 @@ def test_request_timeout_and_late_reply(start):
     releases them) are logged and ignored, never reach the clients, and the
     write buffers stay valid until then (ASan). The connections stay in
     step and are served normally afterwards."""
-    srv = start("never-reply", "--request-timeout-ms", "300")
+    srv = start("never-reply", "--request-timeout-ms", "300",
+                env={"NBDKIT_ASYNC_LOG": "debug"})   # late replies log at debug
     h1 = srv.connect(structured=True)
     h2 = srv.connect(structured=False)
     h3 = srv.connect()
@@ -240,6 +244,47 @@ def test_request_timeout_and_late_reply(start):
     srv.send(signal.SIGTERM)
     assert srv.wait_exit(15) == 0, srv.report()
     srv.assert_clean_exit()
+
+
+def _shutdown_within(h, seconds):
+    """nbd_shutdown() in a thread; True if it returned within `seconds`.
+    (It waits for the server to close the connection.)"""
+    t = threading.Thread(target=h.shutdown, daemon=True)
+    t.start()
+    t.join(seconds)
+    return not t.is_alive()
+
+
+def test_timed_out_ops_hold_neither_client_nor_shutdown(start):
+    """The plugin never answers (grace mode, and no shutdown grace: the
+    library's default waits for every answer). After the request timeout
+    the client is answered and the plugin told through `cancel`; then
+    nbd_shutdown() returns at once (the connection is let go although the
+    plugin still holds its ops), and SIGTERM ends the loop at once, since
+    no client waits for those ops. The plugin's replies after the loop
+    ended give -ESHUTDOWN, after nbdkit_server_free -ESTALE, and
+    nbdkit_server_free releases the rest (LeakSanitizer, ASan)."""
+    srv = start("grace", "--request-timeout-ms", "300")
+    h = srv.connect()
+    bufs = [nbd.Buffer(16 * KiB) for _ in range(6)]
+    cookies = [h.aio_pread(b, i * MiB) for i, b in enumerate(bufs)]
+    data = nbd.Buffer.from_bytearray(noise(7, 16 * KiB))
+    cookies.append(h.aio_pwrite(data, 8 * MiB))
+    srv.wait_ops(7)
+    results = wait_aio(h, cookies, 10)
+    assert_all(results, errno.EIO, "timed-out ops")   # ETIMEDOUT is EIO on the wire
+    srv.wait_for(lambda: srv.count("cancel held ") >= 7, 5,
+                 "the plugin to be told of each timeout through cancel")
+    assert _shutdown_within(h, 3), (
+        "nbd_shutdown() hung: the connection waits for ops its client was answered for\n"
+        + srv.report())
+    t0 = time.monotonic()
+    srv.send(signal.SIGTERM)
+    assert srv.wait_exit(10) == 0, srv.report()
+    assert time.monotonic() - t0 < 3, "the shutdown waited for timed-out ops"
+    srv.assert_clean_exit()
+    assert srv.count("cancel held ") == 7, srv.report()
+    close(h)
 
 
 # ---------------------------------------------------------------- cancel

@@ -38,7 +38,7 @@ START_TIMEOUT = 10
 STOP_TIMEOUT = 10
 TOOL_TIMEOUT = 60
 
-CONN_RE = re.compile(r"debug: connection \d+ from ")
+CONN_RE = re.compile(r"debug: conn \d+: new connection from ")
 
 
 class Filedisk(HarnessProcess):

@@ -33,7 +33,7 @@ KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 SIZE = 64 * MiB
-MAX_PAYLOAD = 32 * MiB
+MAX_PAYLOAD = 64 * MiB
 U64 = (1 << 64) - 1
 
 # Handshake
@@ -851,8 +851,8 @@ def test_readonly_refuses_writes(memdisk):
 def test_write_claiming_1gib_is_not_allocated(md):
     """A WRITE header claiming 1 GiB: refused, and its payload skipped as it
     arrives, never allocated (VmRSS stays flat while 64 MiB of it are
-    sent). A 33 MiB claim sent in full is answered EINVAL and the
-    connection stays in step; a 32 MiB WRITE (the maximum) works."""
+    sent). A 65 MiB claim sent in full is answered EINVAL and the
+    connection stays in step; a 64 MiB WRITE (the maximum) works."""
     rss0 = rss_mib(md)
     chunk = os.urandom(4 * MiB)
     peak = 0.0
@@ -1006,10 +1006,24 @@ def test_flood_100k_reads_never_read(memdisk):
     healthy(srv)
 
 
-def test_flood_32mib_reads_never_read(memdisk):
-    """Big READs (32 MiB, the maximum) pipelined and never read: the
-    per-connection cap (256 MiB) stops the server reading them, so RSS
-    stays well under 600 MiB, and another client is still served."""
+def settled_rss(srv, timeout=10):
+    """Polls the server's RSS until it stops growing; returns the peak."""
+    peak, last = 0.0, -1.0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = rss_mib(srv)
+        peak = max(peak, now)
+        if abs(now - last) < 1:
+            break
+        last = now
+    return peak
+
+
+def test_flood_max_size_reads_never_read(memdisk):
+    """Big READs (64 MiB, the maximum) pipelined and never read: once one
+    reply fills the socket, the server reads no more of them, so it holds
+    about one request's worth, and another client is still served."""
     srv = memdisk(size="64M")
     rss0 = rss_mib(srv)
     c = Client(srv).connect()
@@ -1017,21 +1031,40 @@ def test_flood_32mib_reads_never_read(memdisk):
         c.s.setblocking(False)
         reqs = b"".join(c.request_bytes(CMD_READ, 0, MAX_PAYLOAD) for _ in range(100))
         c.s.send(reqs)                          # 2,800 bytes: fits the socket
-        peak, last = 0.0, -1.0
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:      # until RSS levels off
-            time.sleep(0.2)
-            now = rss_mib(srv)
-            peak = max(peak, now)
-            if abs(now - last) < 1:
-                break
-            last = now
-        assert peak < 600, f"server RSS reached {peak:.0f} MiB"
-        assert peak - rss0 > 200, "the server did not even fill its queue?"
+        peak = settled_rss(srv)
+        assert peak - rss0 < 200, f"server RSS grew {peak - rss0:.0f} MiB"
+        assert peak - rss0 > 32, "the server did not even take one request?"
         healthy(srv, max_seconds=1.0)
-        print(f"32 MiB flood: peak RSS {peak:.0f} MiB")
+        print(f"64 MiB flood: RSS grew {peak - rss0:.0f} MiB")
     finally:
         c.close()
+    healthy(srv)
+
+
+def test_clients_that_never_read_pin_little(memdisk):
+    """Four clients each pipeline 3,000 READs of 64 KiB (184 MiB of
+    replies apiece, in 84 KB of requests) and never read a reply. Each is
+    stopped once a few MiB of its replies wait unsent, so the four hold
+    tens of MiB between them, not the 1 GiB budget (qemu-nbd holds such
+    a client to about 16 MiB). Another client is served at once."""
+    srv = memdisk(size="64M")
+    rss0 = rss_mib(srv)
+    clients = []
+    try:
+        for _ in range(4):
+            c = Client(srv).connect()
+            c.s.setblocking(False)
+            reqs = b"".join(c.request_bytes(CMD_READ, (k % 1000) * 64 * KiB, 64 * KiB)
+                            for k in range(3000))
+            c.s.send(reqs)
+            clients.append(c)
+        peak = settled_rss(srv)
+        assert peak - rss0 < 100, f"four clients that never read pinned {peak - rss0:.0f} MiB"
+        healthy(srv, max_seconds=1.0)
+        print(f"4 clients never reading: RSS grew {peak - rss0:.0f} MiB")
+    finally:
+        for c in clients:
+            c.close()
     healthy(srv)
 
 

@@ -2,6 +2,7 @@
 socket file, bad command lines."""
 
 import os
+import re
 import select
 import signal
 import socket
@@ -92,6 +93,21 @@ def test_stale_socket_file_replaced(memdisk, tmp_path):
     h.shutdown()
 
 
+def test_live_servers_socket_is_not_taken(memdisk, tmp_path):
+    """A second server given the socket path of a live one refuses to
+    start (EADDRINUSE, said in its log) instead of unlinking the socket
+    under it; the first keeps serving at that path."""
+    srv = memdisk(size="1M")
+    p = start_raw(["--unix", srv.sock, "--size", "2M"], tmp_path, "second")
+    rc = finish(p)
+    assert rc != 0, "a second server took a live server's socket"
+    err = (tmp_path / "second.stderr").read_text()
+    assert "a server is listening there" in err, err
+    h = srv.connect()
+    assert h.get_size() == 1 << 20, "the socket now leads to another server"
+    h.shutdown()
+
+
 def test_regular_file_at_socket_path_is_an_error(tmp_path):
     path = tmp_path / "not-a-socket"
     path.write_bytes(b"precious")
@@ -117,3 +133,26 @@ def test_bad_command_line(tmp_path, argv):
     assert p.stdout.read() == b"", "printed a URI despite a bad command line"
     err = (tmp_path / "bad.stderr").read_text(errors="replace")
     assert err.strip(), "no error message on stderr"
+
+
+def test_logs_name_connections_errnos_and_numeric_levels(memdisk):
+    """NBDKIT_ASYNC_LOG=4 means debug (NBDKIT_LOG_DEBUG's number); every
+    line about a client carries its connection id; a request timeout is
+    logged with the command, offset and errno by name, never Rust's
+    "os error" text. The timed-out read does not hold up the client's
+    NBD_CMD_DISC: nbd_shutdown returns before memdisk's latency passes."""
+    srv = memdisk("--latency-ms", "3000", "--request-timeout-ms", "200", size="1M", log="4")
+    h = srv.connect(strict=False)
+    with pytest.raises(Exception) as e:
+        h.pread(4096, 8192)
+    assert "Input/output error" in str(e.value), e.value
+    t0 = time.monotonic()
+    h.shutdown()
+    assert time.monotonic() - t0 < 2, "nbd_shutdown waited for the timed-out read"
+    srv.stop()
+    err = srv.stderr()
+    assert re.search(r"debug: conn 1: new connection from", err), err
+    assert re.search(r"debug: conn 1: .*NBD_OPT_GO", err), err
+    assert re.search(r"warn: conn 1: NBD_CMD_READ at offset 8192: no reply from the plugin in time "
+                     r"\(200 ms request timeout\); answering ETIMEDOUT \(Connection timed out\)", err), err
+    assert "os error" not in err, err

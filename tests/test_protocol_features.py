@@ -804,7 +804,7 @@ def test_block_size_info_and_misaligned_requests(memdisk, harness):
     srv = memdisk(size="16M")
     h = connect(srv.uri)
     assert [h.get_block_size(k) for k in (nbd.SIZE_MINIMUM, nbd.SIZE_PREFERRED,
-                                          nbd.SIZE_MAXIMUM)] == [1, 4096, 32 * MiB]
+                                          nbd.SIZE_MAXIMUM)] == [1, 4096, 64 * MiB]
     h.shutdown()
 
     s = harness()

@@ -1220,8 +1220,10 @@ def test_bad_tls_setup_fails_at_startup(certs, tmp_path, case):
     """memdisk with TLS on and unusable certificates exits non-zero and
     serves nobody: no directory, no --tls-certificates, a key that is not
     PEM, a key that does not match the certificate, --tls-verify-peer
-    without ca-cert.pem. (The last three are found when the loop starts,
-    after the URI line: the header documents that nbdkit_main_loop fails.)"""
+    without ca-cert.pem. Certificate problems are found by
+    nbdkit_server_set_tls_certificates, before any URI is printed, and the
+    error names the file and the reason. (--tls-verify-peer without a CA
+    is found when the loop starts: the flags may come in any order.)"""
     sock = tmp_path / "s.sock"
     args = ["--tls=require"]
     d = tmp_path / "certs"
@@ -1245,9 +1247,43 @@ def test_bad_tls_setup_fails_at_startup(certs, tmp_path, case):
                        stdin=subprocess.DEVNULL, capture_output=True,
                        text=True, timeout=10)
     assert p.returncode != 0, (p.returncode, p.stdout, p.stderr)
-    if case in ("missing-dir", "no-certs"):
+    if case != "verify-without-ca":
         assert "nbd" not in p.stdout, p.stdout
-    else:
-        assert "error" in p.stderr, p.stderr
+    assert "error" in p.stderr or case == "no-certs", p.stderr
+    if case == "missing-dir":
+        assert "nope/server-cert.pem: ENOENT" in p.stderr, p.stderr
+    if case == "bad-key":
+        assert f"{d}/server-key.pem: unusable private key" in p.stderr, p.stderr
     if case == "mismatched-key":
-        assert "KeyMismatch" in p.stderr or "key" in p.stderr.lower(), p.stderr
+        assert f"{d}/server-cert.pem with {d}/server-key.pem" in p.stderr, p.stderr
+        assert "mismatch" in p.stderr.lower(), p.stderr
+    if case == "verify-without-ca":
+        assert "needs a CA certificate" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("bits", [2432, 3072])
+def test_rsa_keys_of_sizes_users_meet(memdisk, certs, tmp_path, bits):
+    """RSA server keys whose size is not a multiple of 512 bits (2432:
+    GnuTLS certtool's old default, used by the NBD reference project's
+    test certificates) load, and clients connect through them."""
+    d = tmp_path / "rsa"
+    d.mkdir()
+    shutil.copy(certs.dir / "ca-cert.pem", d)
+    shutil.copy(certs.dir / "ca-key.pem", d)
+    openssl("req", "-new", "-newkey", f"rsa:{bits}", "-nodes",
+            "-keyout", "server-key.pem", "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
+    (d / "server.ext").write_text("basicConstraints=CA:FALSE\n"
+                                  "keyUsage=digitalSignature,keyEncipherment\n"
+                                  "extendedKeyUsage=serverAuth\n"
+                                  "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+            "-CAcreateserial", "-out", "server-cert.pem", "-days", "3",
+            "-extfile", "server.ext", cwd=d)
+    text = openssl("rsa", "-in", "server-key.pem", "-noout", "-text", cwd=d)
+    assert f"Private-Key: ({bits} bit" in text, text
+    srv = memdisk("--tls=require", "--tls-certificates", d, size="1M")
+    h = connect_tls(srv.sock, certs.client)
+    assert h.get_size() == 1 << 20
+    h.pwrite(b"k" * 4096, 0)
+    assert h.pread(4096, 0) == b"k" * 4096
+    h.shutdown()

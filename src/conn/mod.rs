@@ -12,16 +12,17 @@ use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::completion::{OpTable, Outcome, Token};
+use crate::completion::{OpTable, Outcome, Retire, Token};
 use crate::config::Config;
 use crate::deadlines::Deadlines;
 use crate::buffers::BufferPool;
 use crate::stats::Stats;
 use crate::ffi::plugin::{NBDKIT_EXTENT_ZERO, NBDKIT_FLAG_FAST_ZERO, NBDKIT_FLAG_FUA, NBDKIT_FLAG_MAY_TRIM, NBDKIT_FLAG_REQ_ONE};
-use crate::plugin::{Handle, Io, Plugin};
+use crate::errno::{Describe, Errno};
+use crate::plugin::{Handle, Io, Plugin, Started};
 use crate::protocol::codec::{self, ReplyHeader, RequestHeader};
 use crate::protocol::consts::*;
-use crate::protocol::handshake::{ExportInfo, ExportResolver, Handshake, Outcome as HsOutcome, Purpose, TlsMode};
+use crate::protocol::handshake::{ExportInfo, ExportResolver, Handshake, Outcome as HsOutcome, Purpose, Refusal, TlsMode};
 use crate::protocol::transmission::{Event, ExportCaps, FuaMode, Request, RequestReader};
 use output::Output;
 use stream::{interrupted, would_block, Stream};
@@ -31,6 +32,13 @@ use transport::Transport;
 const INPUT_BUFFER: usize = 64 * 1024;
 /// Bytes read from one connection before others get a turn.
 const READ_BUDGET: usize = 1024 * 1024;
+/// Read buffers handed out on one connection before others get a turn:
+/// replies then reach the socket, and a client that does not read them
+/// is noticed (see `MAX_UNSENT`) before it has pinned much memory.
+const TURN_READ_BYTES: usize = 4 * 1024 * 1024;
+/// Unsent reply bytes past which a connection takes no new request until
+/// they are written: a client must read its replies to send more.
+const MAX_UNSENT: usize = 4 * 1024 * 1024;
 
 /// An NBD request handed to the plugin and not yet answered.
 pub struct Op {
@@ -52,6 +60,27 @@ pub struct Op {
     /// The plugin was told, through its `cancel` callback.
     cancelled: bool,
     started: Instant,
+}
+
+/// What the log says of an op answered twice.
+#[derive(Debug, Clone, Copy)]
+pub struct OpSummary {
+    pub conn: u64,
+    pub cmd: u16,
+    pub offset: u64,
+}
+
+impl Retire for Op {
+    type Summary = OpSummary;
+    fn summary(&self) -> OpSummary {
+        OpSummary { conn: self.conn_serial, cmd: self.cmd, offset: self.offset }
+    }
+}
+
+impl std::fmt::Display for OpSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} at offset {} on conn {}", cmd_name(self.cmd), self.offset, self.conn)
+    }
 }
 
 impl Op {
@@ -122,8 +151,13 @@ pub struct Connection {
     output: Output,
     handle: Option<Handle>,
     caps: Option<ExportCaps>,
-    /// Ops started and not yet answered.
+    /// Ops started and not yet released by the plugin.
     pub inflight: usize,
+    /// Of those, ops whose client was answered without the plugin
+    /// (timeout, shutdown grace): they hold only their buffers.
+    answered_early: usize,
+    /// Read buffer bytes handed out in this service turn.
+    turn_read_bytes: usize,
     /// Bytes held by this connection's ops (payloads and read buffers).
     held_bytes: usize,
     /// No more requests will be read (DISC, EOF, fatal error or shutdown).
@@ -149,7 +183,7 @@ impl Connection {
     /// is queued at once.
     pub fn new(key: usize, serial: u64, stream: Stream, wait: bool, tls_mode: TlsMode) -> Self {
         let peer = stream.peer();
-        log::debug!("connection {serial} from {peer}{}", if wait { ", waiting for its turn" } else { "" });
+        log::debug!("new connection from {peer}{}", if wait { ", waiting for its turn" } else { "" });
         let mut c = Connection {
             key,
             serial,
@@ -163,6 +197,8 @@ impl Connection {
             handle: None,
             caps: None,
             inflight: 0,
+            answered_early: 0,
+            turn_read_bytes: 0,
             held_bytes: 0,
             reading_done: false,
             read_blocked: false,
@@ -199,13 +235,33 @@ impl Connection {
         self.inflight == 0 && (self.stream.is_none() || (self.reading_done && self.output.is_empty()))
     }
 
-    /// Closes the socket now; ops still in flight are answered into the void.
+    /// Closes the socket now; ops still in flight are answered into the
+    /// void. What stays is what the plugin may still touch: its handle and
+    /// the buffers of its ops.
     pub fn break_off(&mut self, why: &str) {
         if self.stream.take().is_some() {
-            log::debug!("connection {} ({}) closed: {why}", self.serial, self.peer);
+            log::debug!("closed ({}): {why}", self.peer);
         }
         self.reading_done = true;
         self.output = Output::default(); // unsent replies have nowhere to go
+        self.input = Box::default();
+        self.in_start = 0;
+        self.in_end = 0;
+    }
+
+    /// Ops whose client is still waiting for an answer.
+    pub fn unanswered(&self) -> usize {
+        self.inflight - self.answered_early
+    }
+
+    /// Lets a client go that is done (NBD_CMD_DISC or shutdown, every reply
+    /// sent) while the plugin still holds ops its client was already
+    /// answered for: nothing it waits for can come any more.
+    pub fn let_go_if_done(&mut self) {
+        if self.stream.is_some() && self.reading_done && self.output.is_empty() && self.inflight > 0 && self.unanswered() == 0 {
+            let held = self.inflight;
+            self.break_off(&format!("client done; the plugin still holds {held} ops answered without it"));
+        }
     }
 
     /// Stops reading requests; what is in flight still gets its replies.
@@ -292,6 +348,14 @@ impl Connection {
         if self.inflight >= ctx.config.max_inflight || held >= ctx.config.max_connection_bytes {
             return Some(Next::Wait); // replies going out will wake us
         }
+        if self.output.bytes >= MAX_UNSENT {
+            // Written out after this turn; the loop services us again if
+            // the socket took them, else the writable event will.
+            return Some(Next::Wait);
+        }
+        if self.turn_read_bytes >= TURN_READ_BYTES {
+            return Some(Next::Again);
+        }
         if self.write_blocked {
             // The client reads its replies slower than it sends requests:
             // take no more until it catches up, as a threaded server
@@ -327,6 +391,7 @@ impl Connection {
     /// Reads and handles as much input as the budget and back-pressure allow.
     pub fn service(&mut self, ctx: &mut Ctx) -> Next {
         let mut budget = READ_BUDGET;
+        self.turn_read_bytes = 0;
         loop {
             if self.reading_done || self.stream.is_none() || self.tls_pending.is_some() || matches!(self.phase, Phase::Waiting) {
                 return Next::Wait;
@@ -353,7 +418,7 @@ impl Connection {
                 Ok(n) => budget = budget.saturating_sub(n),
                 Err(e) if would_block(&e) => self.read_blocked = true,
                 Err(e) if interrupted(&e) => {}
-                Err(e) => self.break_off(&format!("read error: {e}")),
+                Err(e) => self.break_off(&format!("read error: {}", Describe(&e))),
             }
         }
     }
@@ -412,7 +477,7 @@ impl Connection {
                         let early = self.input[self.in_start..self.in_end].to_vec();
                         self.in_start = self.in_end;
                         self.tls_pending = Some((config, early));
-                        log::debug!("connection {}: starting TLS", self.serial);
+                        log::debug!("starting TLS");
                         self.flush();
                     }
                     HsOutcome::Done(negotiated) => {
@@ -422,8 +487,7 @@ impl Connection {
                         caps.base_allocation = negotiated.contexts.contains(&CONTEXT_BASE_ALLOCATION_ID);
                         self.caps = Some(caps);
                         log::debug!(
-                            "connection {}: export {:?} size {} flags {:#x}{}",
-                            self.serial,
+                            "export {:?} size {} flags {:#x}{}",
                             negotiated.export.name,
                             caps.size,
                             negotiated.export.flags,
@@ -438,7 +502,7 @@ impl Connection {
                         self.phase = Phase::Transmission(RequestReader::new(caps));
                     }
                     HsOutcome::Close(why) => {
-                        log::debug!("connection {}: handshake ended: {why}", self.serial);
+                        log::debug!("handshake ended: {why}");
                         self.reading_done = true;
                         self.in_start = self.in_end;
                     }
@@ -459,12 +523,12 @@ impl Connection {
             Event::Request(req) => self.dispatch(req, ctx),
             Event::Reject { header, error } => {
                 ctx.stats.rejected(header.cmd);
-                log::debug!("{} cookie {:#x} rejected: error {error}", cmd_name(header.cmd), header.cookie);
+                log::debug!("{} cookie {:#x} rejected: {}", cmd_name(header.cmd), header.cookie, Errno(error as i32));
                 self.queue_error(&header, error);
             }
             Event::Disconnect => {
                 ctx.stats.count(CMD_DISC);
-                log::debug!("connection {}: NBD_CMD_DISC", self.serial);
+                log::debug!("NBD_CMD_DISC");
                 self.reading_done = true;
                 self.in_start = self.in_end;
             }
@@ -496,7 +560,12 @@ impl Connection {
         if fua && caps.fua == FuaMode::Native {
             flags |= NBDKIT_FLAG_FUA;
         }
-        let buf = if io == Io::Read { ctx.buffers.take(h.length as usize) } else { req.payload };
+        let buf = if io == Io::Read {
+            self.turn_read_bytes += h.length as usize;
+            ctx.buffers.take(h.length as usize)
+        } else {
+            req.payload
+        };
         let op = Op {
             conn: self.key,
             conn_serial: self.serial,
@@ -518,11 +587,22 @@ impl Connection {
         self.held_bytes += held;
         let handle = self.handle.expect("transmission implies a handle");
         let op = ctx.ops.get(token).expect("just inserted");
-        match ctx.plugin.start(io, token, self.serial, handle, &mut op.buf, h.length, h.offset, flags) {
-            Ok(()) => ctx.arm_timeout(token),
-            Err(errno) => {
-                let op = ctx.ops.remove(token).expect("plugin refused it");
+        let started = ctx.plugin.start(io, token, self.serial, handle, &mut op.buf, h.length, h.offset, flags);
+        self.on_started(token, started, ctx);
+    }
+
+    /// Acts on what an I/O callback returned for `token`.
+    fn on_started(&mut self, token: Token, started: Started, ctx: &mut Ctx) {
+        match started {
+            Started::Taken => ctx.arm_timeout(token),
+            Started::Failed(errno) => {
+                let op = ctx.ops.remove(token).expect("live op");
                 self.finish(op, Outcome::Error(errno), ctx.stats);
+            }
+            Started::Misuse(status) => {
+                let why = format!("the callback returned {status}, which is neither 0 nor negative (plugin bug)");
+                log::error!("{why}; the op stays held until the plugin replies");
+                self.answer_early(token, libc::EIO, &why, ctx);
             }
         }
     }
@@ -531,7 +611,7 @@ impl Connection {
     pub fn complete(&mut self, token: Token, outcome: Outcome, ctx: &mut Ctx) {
         let op = ctx.ops.get(token).expect("caller looked it up");
         if op.answered {
-            log::warn!("{} cookie {:#x}: late reply after the client was answered; ignored", cmd_name(op.cmd), op.cookie);
+            log::debug!("{} at offset {}: late reply after the client was answered; ignored", cmd_name(op.cmd), op.offset);
             let op = ctx.ops.remove(token).expect("live op");
             self.release(&op, ctx.stats);
             return;
@@ -541,13 +621,8 @@ impl Connection {
             let new_token = ctx.ops.renew(token).expect("live op");
             let handle = self.handle.expect("ops imply a handle");
             log::trace!("emulating FUA with a flush");
-            match ctx.plugin.start(Io::Flush, new_token, self.serial, handle, &mut [], 0, 0, 0) {
-                Ok(()) => ctx.arm_timeout(new_token),
-                Err(errno) => {
-                    let op = ctx.ops.remove(new_token).expect("live op");
-                    self.finish(op, Outcome::Error(errno), ctx.stats);
-                }
-            }
+            let started = ctx.plugin.start(Io::Flush, new_token, self.serial, handle, &mut [], 0, 0, 0);
+            self.on_started(new_token, started, ctx);
             return;
         }
         let op = ctx.ops.remove(token).expect("caller looked it up");
@@ -555,16 +630,18 @@ impl Connection {
     }
 
     /// Answers the client now with `errno` while the plugin still holds the
-    /// op (request timeout, shutdown grace). The op stays in the table, its
-    /// buffer alive, until the plugin's own reply releases it.
-    pub fn answer_early(&mut self, token: Token, errno: i32, ctx: &mut Ctx) {
+    /// op (request timeout, shutdown grace, a callback's bad return value).
+    /// The op stays in the table, its buffer alive, until the plugin's own
+    /// reply releases it.
+    pub fn answer_early(&mut self, token: Token, errno: i32, why: &str, ctx: &mut Ctx) {
         let Some(op) = ctx.ops.get(token) else { return };
         if op.answered {
             return;
         }
         op.answered = true;
+        self.answered_early += 1;
         ctx.stats.replied(0, true, op.started.elapsed());
-        log::warn!("{} cookie {:#x}: no reply from the plugin in time; answering {}", cmd_name(op.cmd), op.cookie, io::Error::from_raw_os_error(errno));
+        log::warn!("{} at offset {}: {why}; answering {}", cmd_name(op.cmd), op.offset, Errno(errno));
         let header = op.header();
         if self.stream.is_some() {
             self.queue_error(&header, nbd_errno(errno, op.flags));
@@ -572,11 +649,28 @@ impl Connection {
     }
 
     /// [`Self::answer_early`] for every op of this connection.
-    pub fn answer_all_early(&mut self, errno: i32, ctx: &mut Ctx) {
+    pub fn answer_all_early(&mut self, errno: i32, why: &str, ctx: &mut Ctx) {
         let mine: Vec<Token> = ctx.ops.iter().filter(|(_, op)| op.conn == self.key).map(|(t, _)| t).collect();
         for token in mine {
-            self.answer_early(token, errno, ctx);
+            self.answer_early(token, errno, why, ctx);
         }
+    }
+
+    /// The plugin took too long with `token`: its client is answered
+    /// ETIMEDOUT, and the plugin told through `cancel` so that it can
+    /// abort the work (it must still reply).
+    pub fn time_out(&mut self, token: Token, timeout: std::time::Duration, ctx: &mut Ctx) {
+        let why = format!("no reply from the plugin in time ({} ms request timeout)", timeout.as_millis());
+        self.answer_early(token, libc::ETIMEDOUT, &why, ctx);
+        self.cancel_op(token, ctx);
+    }
+
+    /// Calls the plugin's `cancel` for one op, at most once per op.
+    fn cancel_op(&mut self, token: Token, ctx: &mut Ctx) {
+        let Some(handle) = self.handle else { return };
+        let Some(op) = ctx.ops.get(token).filter(|op| !op.cancelled) else { return };
+        op.cancelled = true;
+        ctx.plugin.cancel(token, handle);
     }
 
     /// Tells the plugin, once, that this connection's ops are no longer
@@ -586,13 +680,11 @@ impl Connection {
             return;
         }
         self.cancel_sent = true;
-        let Some(handle) = self.handle else { return };
         let mine: Vec<Token> =
             ctx.ops.iter().filter(|(_, op)| op.conn == self.key && !op.cancelled).map(|(t, _)| t).collect();
-        log::debug!("connection {}: cancelling {} ops", self.serial, mine.len());
+        log::debug!("cancelling {} ops", mine.len());
         for token in mine {
-            ctx.ops.get(token).expect("live op").cancelled = true;
-            ctx.plugin.cancel(token, handle);
+            self.cancel_op(token, ctx);
         }
     }
 
@@ -600,13 +692,17 @@ impl Connection {
     fn release(&mut self, op: &Op, stats: &Stats) {
         stats.released();
         self.inflight -= 1;
+        if op.answered {
+            self.answered_early -= 1;
+        }
         self.held_bytes -= op.held_bytes();
     }
 
     fn finish(&mut self, mut op: Op, outcome: Outcome, stats: &Stats) {
         self.release(&op, stats);
         if self.stream.is_none() {
-            return; // client gone: the reply has nowhere to go
+            log::debug!("{} at offset {}: reply after the client left; dropped", cmd_name(op.cmd), op.offset);
+            return;
         }
         let header = op.header();
         let started = op.started;
@@ -651,7 +747,7 @@ impl Connection {
         match result {
             Ok(()) => stats.replied(read_bytes, false, started.elapsed()),
             Err(errno) => {
-                log::debug!("{} cookie {:#x} failed: {}", cmd_name(header.cmd), header.cookie, io::Error::from_raw_os_error(errno));
+                log::debug!("{} at offset {} failed: {}", cmd_name(header.cmd), header.offset, Errno(errno));
                 self.queue_error(&header, nbd_errno(errno, header.flags));
                 stats.replied(0, true, started.elapsed());
             }
@@ -732,7 +828,7 @@ impl Connection {
             Ok(true) => {}
             Ok(false) => self.write_blocked = true,
             Err(e) if would_block(&e) => self.write_blocked = true,
-            Err(e) => return self.break_off(&format!("write error: {e}")),
+            Err(e) => return self.break_off(&format!("write error: {}", Describe(&e))),
         }
         if !self.output.is_empty() || self.write_blocked {
             return;
@@ -809,24 +905,20 @@ struct Resolver<'a, 'b> {
 }
 
 impl ExportResolver for Resolver<'_, '_> {
-    fn resolve(&mut self, name: &str, purpose: Purpose) -> Result<ExportInfo, u32> {
+    fn resolve(&mut self, name: &str, purpose: Purpose) -> Result<ExportInfo, Refusal> {
         let config = self.ctx.config;
         let plugin = self.ctx.plugin;
-        let name = canonical_export(config, plugin, name)?;
-        let refuse = |errno: i32| {
-            log::debug!("export {name:?}: {}", io::Error::from_raw_os_error(errno));
-            match errno {
-                libc::EPERM | libc::EACCES => REP_ERR_POLICY,
-                _ => REP_ERR_UNKNOWN,
-            }
-        };
+        let name = canonical_export(config, plugin, name).map_err(|code| {
+            log::info!("refused export {name:?}: no such export");
+            Refusal { code, message: format!("no export named {name:?}") }
+        })?;
         let handle = crate::tls::with_peer_certificate(self.peer_certificate, || plugin.open(config.readonly, name))
-            .map_err(refuse)?;
-        let caps = match plugin.caps(handle, config.readonly, false) {
+            .map_err(|errno| refusal(name, "open", errno))?;
+        let caps = match plugin.caps(handle, config.readonly, config.max_request) {
             Ok(c) => c,
             Err(e) => {
                 plugin.close(handle);
-                return Err(refuse(e));
+                return Err(refusal(name, "asking its size and capabilities", e));
             }
         };
         let info = ExportInfo {
@@ -867,6 +959,29 @@ impl ExportResolver for Resolver<'_, '_> {
         }
         Ok(v)
     }
+}
+
+/// How a client learns that the plugin refused export `name` in `what`
+/// with `errno`: the nearest NBD_REP_ERR_* code, the reason in words,
+/// and a warning in the log (an outage must not look like a typo).
+fn refusal(name: &str, what: &str, errno: i32) -> Refusal {
+    // NBD has no code for "the server failed": a backend that is down,
+    // out of memory or full gets PLATFORM, and the message says which.
+    let code = match errno {
+        libc::ENOENT => REP_ERR_UNKNOWN,
+        libc::EPERM | libc::EACCES | libc::EROFS => REP_ERR_POLICY,
+        libc::EINVAL => REP_ERR_INVALID,
+        libc::ESHUTDOWN => REP_ERR_SHUTDOWN,
+        _ => REP_ERR_PLATFORM,
+    };
+    let errno = if errno == 0 { libc::EIO } else { errno };
+    let message = format!("export {name:?}: {what} failed: {}", Errno(errno));
+    if code == REP_ERR_UNKNOWN {
+        log::info!("refused {message}");
+    } else {
+        log::warn!("refused {message}");
+    }
+    Refusal { code, message }
 }
 
 /// The export a client's name stands for: "" is the default export; other

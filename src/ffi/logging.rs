@@ -1,8 +1,8 @@
-//! Routing the library's log to the host.
+//! Routing the library's log to the host, and the host's lines into it.
 
-use std::ffi::{c_char, c_int, c_void};
+use std::ffi::{c_char, c_int, c_void, CStr};
 
-use super::guard;
+use super::{guard, neg};
 
 /// Log levels passed to the log callback (and accepted as the maximum).
 pub const NBDKIT_LOG_ERROR: c_int = 1;
@@ -18,12 +18,44 @@ pub const NBDKIT_LOG_TRACE: c_int = 5;
 ///
 /// The callback may be called from any thread (the loop thread, worker
 /// threads, threads calling reply functions), concurrently; `message` is
-/// valid only during the call. It must not call back into the library.
+/// valid only during the call. Lines about one client start with
+/// `conn N: `. The callback must not call `nbdkit_set_log_callback` (that
+/// call is ignored, with a line on stderr); lines it logs with
+/// `nbdkit_log` go to stderr.
 #[unsafe(no_mangle)]
 pub extern "C" fn nbdkit_set_log_callback(
     callback: Option<unsafe extern "C" fn(user_data: *mut c_void, level: c_int, message: *const c_char)>,
     user_data: *mut c_void,
     max_level: c_int,
 ) {
-    guard("nbdkit_set_log_callback", (), || crate::logging::set_sink(callback, user_data, max_level))
+    guard("nbdkit_set_log_callback", (), || {
+        if !crate::logging::set_sink(callback, user_data, max_level) {
+            eprintln!("nbdkit-async: error: nbdkit_set_log_callback called from inside the log callback; ignored");
+        }
+    })
+}
+
+/// Logs `message` at `level` (NBDKIT_LOG_*) through the library's log:
+/// the callback set with `nbdkit_set_log_callback`, or stderr. For plugins
+/// and wrappers whose lines belong beside the library's. The string is
+/// copied. Thread-safe: call from any thread, callbacks included.
+///
+/// Returns 0 (also when the level filters the line out), or -EINVAL for
+/// a NULL message or a level outside 1-5.
+///
+/// # Safety
+/// `message` must be NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nbdkit_log(level: c_int, message: *const c_char) -> c_int {
+    guard("nbdkit_log", neg(libc::EIO), || {
+        crate::logging::init();
+        let Some(level) = crate::logging::level_of(level) else { return neg(libc::EINVAL) };
+        if message.is_null() {
+            return neg(libc::EINVAL);
+        }
+        // SAFETY: the caller passes a NUL-terminated string.
+        let text = unsafe { CStr::from_ptr(message) }.to_string_lossy();
+        log::log!(level, "{text}");
+        0
+    })
 }

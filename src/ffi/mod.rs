@@ -1,7 +1,7 @@
 //! The C API. This is the only module with `#[no_mangle]` functions; each
+//! body runs inside [`guard`] so no panic unwinds into C.
 
 #![allow(non_camel_case_types)]
-//! body runs inside [`guard`] so no panic unwinds into C.
 
 pub mod embed;
 pub mod logging;
@@ -11,6 +11,7 @@ pub mod server;
 pub mod stats;
 pub mod sync_plugin;
 pub mod tls;
+pub mod version;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -19,15 +20,18 @@ fn guard<T>(name: &str, on_panic: T, body: impl FnOnce() -> T) -> T {
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(v) => v,
         Err(payload) => {
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            log::error!("internal error in {name}: {msg}");
+            log::error!("internal error in {name}: {}", panic_message(&payload));
             on_panic
         }
     }
+}
+
+fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// A negative errno for C.

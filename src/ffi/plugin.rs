@@ -65,14 +65,24 @@ pub const NBDKIT_FUA_NATIVE: c_int = 2;
 /// an older plugin does not know are treated as NULL.
 ///
 /// Every callback runs on the event-loop thread and must not block: an I/O
-/// callback starts the work and returns at once.
+/// callback starts the work and returns at once. (`close` may also run in
+/// `nbdkit_server_free`, on its caller's thread.)
 ///
-/// I/O callbacks (`pread`, `pwrite`, `flush`, `trim`, `zero`, `cache`)
-/// receive the op first and the plugin's per-connection handle second.
-/// Returning 0 means the plugin took the op and will answer it exactly once
-/// with one of the valid replies named below. Returning -1 means the op
-/// failed at once: the library answers the client with `errno` (EIO if the
-/// callback left errno at 0), and the plugin must not reply to that op.
+/// I/O callbacks (`pread`, `pwrite`, `flush`, `trim`, `zero`, `cache`,
+/// `extents`) receive the op first and the plugin's per-connection handle
+/// second. What they return is a separate channel from the reply:
+/// - 0: the plugin took the op and answers it exactly once with one of the
+///   valid replies named below (inside the callback or later). Call the
+///   reply function and then `return 0`; do not return its result.
+/// - -1: the op failed at once with `errno` (EIO if the callback left
+///   errno at 0). The library answers the client; the plugin must not
+///   reply to the op, nor touch its buffer after returning.
+/// - any other negative value, -E: the op failed at once with errno E
+///   (`return -ENOSPC;`), as for -1. Values below -4095 mean EIO.
+/// - a positive value is a plugin bug: it is logged as an error and the
+///   client is answered EIO, but the op is kept (its buffer stays valid)
+///   until the plugin replies to it, as the plugin may still do.
+///
 /// A NULL I/O callback means the command is not offered to clients.
 ///
 /// Capability callbacks (`can_*`) return 1 (yes), 0 (no) or -1 (error:
@@ -88,8 +98,13 @@ pub struct nbdkit_plugin_lowlevel {
     /// also briefly when a client asks about an export (NBD_OPT_INFO).
     /// `readonly` is 1 when the server or connection is read-only.
     /// `export_name` is the export the client chose, valid only during the
-    /// call. Return NULL (with errno set, ENOENT for an unknown export) to
-    /// refuse the client. If NULL, the handle is `user_data`.
+    /// call. Return NULL with errno set to refuse the client, which is told
+    /// why in the option's error message and logged at warning level:
+    /// ENOENT gives NBD_REP_ERR_UNKNOWN (no such export); EPERM, EACCES or
+    /// EROFS give NBD_REP_ERR_POLICY; EINVAL NBD_REP_ERR_INVALID;
+    /// ESHUTDOWN NBD_REP_ERR_SHUTDOWN; anything else (EIO, ENOMEM, a
+    /// backend that is down; errno 0 counts as EIO) NBD_REP_ERR_PLATFORM.
+    /// If NULL, the handle is `user_data`.
     pub open: Option<
         unsafe extern "C" fn(user_data: *mut c_void, readonly: c_int, export_name: *const c_char) -> *mut c_void,
     >,
@@ -155,10 +170,15 @@ pub struct nbdkit_plugin_lowlevel {
     >,
 
     /// Tells the plugin that nobody wants `op` any more: its client
-    /// disconnected, or the server is shutting down. Called at most once per
-    /// op, on the event-loop thread, while the op is still unanswered. A
-    /// gateway can abort the upstream request. The op must still be replied
-    /// to exactly once (any reply will do; ECANCELED is customary). May be NULL.
+    /// disconnected, the server is shutting down, or the request timeout
+    /// passed (the client was then answered ETIMEDOUT already). Called at
+    /// most once per op, on the event-loop thread, for an op the loop has
+    /// not yet seen a reply to: a reply the plugin sent from another thread
+    /// just before may cross it, so an op may be cancelled after the
+    /// plugin answered it (ignore such a cancel). A gateway can abort the
+    /// upstream request. An op not yet answered must still be replied to
+    /// exactly once (any reply will do; ECANCELED is customary); its buffer
+    /// stays valid until then. May be NULL.
     pub cancel: Option<unsafe extern "C" fn(op: *mut nbdkit_op, handle: *mut c_void)>,
 
     /// Reports allocation in `count` bytes at `offset` (NBD_CMD_BLOCK_STATUS
@@ -173,9 +193,10 @@ pub struct nbdkit_plugin_lowlevel {
     pub can_fast_zero: Option<unsafe extern "C" fn(handle: *mut c_void) -> c_int>,
     /// Block size constraints: minimum (a power of 2, at most 64 KiB),
     /// preferred (a power of 2) and maximum (a multiple of the minimum; the
-    /// library caps it at 32 MiB). Return 0 or -1. Requests breaking them
-    /// are refused with EINVAL before the plugin sees them. Default 1 /
-    /// 4096 / 32 MiB.
+    /// library lowers it to the server's maximum request size, 64 MiB by
+    /// default). Return 0 or -1. Requests breaking them are refused with
+    /// EINVAL before the plugin sees them. Default 1 / 4096 / the server's
+    /// maximum request size.
     pub block_size: Option<
         unsafe extern "C" fn(handle: *mut c_void, minimum: *mut u32, preferred: *mut u32, maximum: *mut u32) -> c_int,
     >,

@@ -1,18 +1,21 @@
 //! Server set-up, the main loop and shutdown.
 
+use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::net::ToSocketAddrs;
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::ReentrantMutex;
 
 use super::plugin::nbdkit_plugin_lowlevel;
 use super::sync_plugin::nbdkit_plugin;
 use super::{guard, neg};
 use crate::event_loop::{request_global_shutdown, EventLoop, Listener, Shared};
+use crate::errno::{self, Describe};
 use crate::plugin::Plugin;
 
 /// An NBD server: a plugin, its listening sockets and settings.
@@ -27,18 +30,104 @@ pub struct nbdkit_server {
 }
 
 pub(super) struct Server {
-    pub(super) phase: Mutex<Phase>,
+    /// Re-entrant so that a call from inside one of this server's own
+    /// callbacks (or the log callback) finds the phase borrowed and gets
+    /// -EBUSY, where a plain mutex would deadlock.
+    phase: ReentrantMutex<RefCell<Phase>>,
     pub(super) shared: Arc<Shared>,
+    /// The loop's epoll descriptor, fixed for the server's life.
+    pub(super) fd: c_int,
+}
+
+/// Who drives a loop that is out of its `Phase` slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Driver {
+    MainLoop,
+    Process,
 }
 
 pub(super) enum Phase {
     Setup(EventLoop),
-    /// `nbdkit_main_loop` has the loop.
-    Running,
+    /// The loop is taken out and running: under `nbdkit_main_loop`, or one
+    /// `nbdkit_server_process` turn. Callbacks run now; nothing is locked.
+    Running(Driver),
     /// The host drives the loop with `nbdkit_server_process`.
     Embedded(EventLoop),
     /// Kept until `nbdkit_server_free`: ops the plugin still holds live here.
     Finished(#[allow(dead_code)] EventLoop),
+    /// The loop panicked. Its memory was leaked on purpose: the plugin may
+    /// still be filling buffers of ops it holds.
+    Failed,
+}
+
+impl Server {
+    /// Runs `f` on the phase. A call made while the phase is already in
+    /// use on this thread (from a callback) is refused with -EBUSY.
+    pub(super) fn with_phase<R>(&self, name: &str, f: impl FnOnce(&mut Phase) -> R) -> Result<R, c_int> {
+        let lock = self.phase.lock();
+        let Ok(mut phase) = lock.try_borrow_mut() else {
+            log::error!("{name}: called from inside a callback of this server; refused with EBUSY");
+            return Err(neg(libc::EBUSY));
+        };
+        Ok(f(&mut phase))
+    }
+
+    /// Takes the loop out to run it, leaving `Running(driver)` behind.
+    /// `want` picks the phases it may come from.
+    pub(super) fn take_loop(&self, name: &str, driver: Driver, want: fn(&Phase) -> bool) -> Result<EventLoop, c_int> {
+        self.with_phase(name, |p| {
+            if !want(p) {
+                log::error!("{name}: {}; refused with EBUSY", p.describe());
+                return Err(neg(libc::EBUSY));
+            }
+            match std::mem::replace(p, Phase::Running(driver)) {
+                Phase::Setup(l) | Phase::Embedded(l) | Phase::Finished(l) => Ok(l),
+                other => {
+                    *p = other;
+                    Err(neg(libc::EBUSY))
+                }
+            }
+        })?
+    }
+
+    /// Puts a loop back after it ran.
+    pub(super) fn put_loop(&self, phase: Phase) {
+        // Only the driver that took the loop puts it back: the slot holds
+        // `Running`, which no other call replaces.
+        let lock = self.phase.lock();
+        *lock.borrow_mut() = phase;
+    }
+}
+
+impl Phase {
+    fn describe(&self) -> &'static str {
+        match self {
+            Phase::Setup(_) => "the server is still being set up",
+            Phase::Running(Driver::MainLoop) => "nbdkit_main_loop is running this server",
+            Phase::Running(Driver::Process) => "nbdkit_server_process is running this server",
+            Phase::Embedded(_) => "the server is driven by nbdkit_server_process",
+            Phase::Finished(_) => "the server has stopped",
+            Phase::Failed => "the server stopped after an internal error",
+        }
+    }
+}
+
+/// Runs one stretch of the loop, `f`, so that a panic inside it can never
+/// free memory the plugin may still hold: the loop is then abandoned
+/// (sockets closed, memory leaked) and `Err(-EIO)` returned.
+pub(super) fn run_guarded<T>(name: &str, l: &mut EventLoop, f: impl FnOnce(&mut EventLoop) -> T) -> Result<T, ()> {
+    match catch_unwind(AssertUnwindSafe(|| f(l))) {
+        Ok(v) => Ok(v),
+        Err(payload) => {
+            log::error!(
+                "internal error in {name}: {}; the server stops, and its memory is kept (leaked) because the plugin may still use op buffers",
+                super::panic_message(&payload)
+            );
+            // Best effort: clients see their sockets close rather than hang.
+            let _ = catch_unwind(AssertUnwindSafe(|| l.abandon()));
+            Err(())
+        }
+    }
 }
 
 pub(super) fn server<'a>(p: *const nbdkit_server) -> Option<&'a Server> {
@@ -62,14 +151,20 @@ pub(super) fn with_setup(srv: *mut nbdkit_server, name: &str, f: impl FnOnce(&mu
             log::error!("{name}: NULL server");
             return neg(libc::EINVAL);
         };
-        match &mut *s.phase.lock() {
+        s.with_phase(name, |p| match p {
             Phase::Setup(l) => f(l),
-            _ => {
-                log::error!("{name}: the server is running or has run");
+            other => {
+                log::error!("{name}: {}; set-up calls must come before the loop starts", other.describe());
                 neg(libc::EBUSY)
             }
-        }
+        })
+        .unwrap_or_else(|e| e)
     })
+}
+
+fn set_errno(e: i32) {
+    // SAFETY: __errno_location always returns this thread's errno.
+    unsafe { *libc::__errno_location() = e };
 }
 
 /// Creates a server for `plugin`.
@@ -79,8 +174,10 @@ pub(super) fn with_setup(srv: *mut nbdkit_server, name: &str, f: impl FnOnce(&mu
 /// The struct is copied; `user_data` is passed to `open` and never touched
 /// by the library.
 ///
-/// Returns NULL on error (logged): missing `get_size` or `pread`, or a
-/// plugin built against a newer header with callbacks this library lacks.
+/// Returns NULL on error, logged and with `errno` set: EINVAL for a NULL
+/// plugin or one missing `get_size` or `pread`; ENOTSUP for a plugin built
+/// against a newer header with callbacks this library lacks; EMFILE,
+/// ENOMEM and the like when the loop's descriptors cannot be made.
 /// Callable from any thread; that thread then owns the server's set-up.
 /// Free with `nbdkit_server_free`.
 ///
@@ -93,7 +190,7 @@ pub unsafe extern "C" fn nbdkit_server_new(
     plugin_size: usize,
     user_data: *mut c_void,
 ) -> *mut nbdkit_server {
-    guard("nbdkit_server_new", std::ptr::null_mut(), || {
+    guard_new("nbdkit_server_new", || {
         // SAFETY: forwarded from the caller.
         let Some(raw) = (unsafe { copy_versioned("nbdkit_server_new", plugin, plugin_size) }) else {
             return std::ptr::null_mut();
@@ -109,7 +206,9 @@ pub unsafe extern "C" fn nbdkit_server_new(
 /// `thread_model` allows.
 ///
 /// `plugin_size` is `sizeof(struct nbdkit_plugin)` as the plugin was
-/// compiled. Returns NULL on error (logged). Free with `nbdkit_server_free`.
+/// compiled. Returns NULL on error, logged and with `errno` set as for
+/// `nbdkit_server_new` (EINVAL also for an unknown thread model). Free
+/// with `nbdkit_server_free`.
 ///
 /// # Safety
 /// As for `nbdkit_server_new`.
@@ -119,7 +218,7 @@ pub unsafe extern "C" fn nbdkit_server_new_sync(
     plugin_size: usize,
     user_data: *mut c_void,
 ) -> *mut nbdkit_server {
-    guard("nbdkit_server_new_sync", std::ptr::null_mut(), || {
+    guard_new("nbdkit_server_new_sync", || {
         // SAFETY: forwarded from the caller.
         let Some(raw) = (unsafe { copy_versioned("nbdkit_server_new_sync", plugin, plugin_size) }) else {
             return std::ptr::null_mut();
@@ -139,6 +238,7 @@ unsafe fn copy_versioned<T>(name: &str, p: *const T, size: usize) -> Option<T> {
     crate::logging::init();
     if p.is_null() {
         log::error!("{name}: NULL plugin");
+        set_errno(libc::EINVAL);
         return None;
     }
     let ours = std::mem::size_of::<T>();
@@ -146,6 +246,7 @@ unsafe fn copy_versioned<T>(name: &str, p: *const T, size: usize) -> Option<T> {
     let bytes = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), size) };
     if bytes.len() > ours && bytes[ours..].iter().any(|&b| b != 0) {
         log::error!("{name}: plugin uses callbacks this library does not have; upgrade the library");
+        set_errno(libc::ENOTSUP);
         return None;
     }
     // SAFETY: all-zero is valid for T (caller's promise).
@@ -156,35 +257,62 @@ unsafe fn copy_versioned<T>(name: &str, p: *const T, size: usize) -> Option<T> {
     Some(out)
 }
 
+/// Runs a constructor body: a panic gives NULL with errno EIO.
+fn guard_new(name: &str, body: impl FnOnce() -> *mut nbdkit_server) -> *mut nbdkit_server {
+    let p = guard(name, std::ptr::null_mut(), body);
+    if p.is_null() && std::io::Error::last_os_error().raw_os_error().unwrap_or(0) == 0 {
+        set_errno(libc::EIO);
+    }
+    p
+}
+
 fn new_server(name: &str, plugin: Result<Plugin, &'static str>) -> *mut nbdkit_server {
-    let made = plugin.map_err(|e| e.to_string()).and_then(|p| EventLoop::new(p).map_err(|e| e.to_string()));
-    match made {
-        Ok(l) => {
-            let shared = l.shared.clone();
-            Box::into_raw(Box::new(Server { phase: Mutex::new(Phase::Setup(l)), shared })).cast()
-        }
+    let plugin = match plugin {
+        Ok(p) => p,
         Err(e) => {
             log::error!("{name}: {e}");
+            set_errno(libc::EINVAL);
+            return std::ptr::null_mut();
+        }
+    };
+    match EventLoop::new(plugin) {
+        Ok(l) => {
+            let shared = l.shared.clone();
+            let fd = l.fd();
+            Box::into_raw(Box::new(Server { phase: ReentrantMutex::new(RefCell::new(Phase::Setup(l))), shared, fd })).cast()
+        }
+        Err(e) => {
+            log::error!("{name}: cannot create the event loop: {}", Describe(&e));
+            set_errno(errno::of(&e, libc::EIO));
             std::ptr::null_mut()
         }
     }
 }
 
-/// Releases a server. NULL is ignored. Must not be called while
-/// `nbdkit_main_loop` runs on it, nor twice. Ops of this server replied
-/// to afterwards are ignored (the reply returns -ESTALE).
+/// Releases a server. NULL is ignored. Ops of this server replied to
+/// afterwards are ignored (the reply returns -ESTALE). Call it once, from
+/// the thread that owns the server, after `nbdkit_main_loop` returned (or
+/// `nbdkit_server_process` returned 0 or was never called). Called while
+/// the loop runs (from a callback, or from another thread during
+/// `nbdkit_main_loop`) it logs an error and frees nothing.
 #[unsafe(no_mangle)]
 pub extern "C" fn nbdkit_server_free(srv: *mut nbdkit_server) {
     guard("nbdkit_server_free", (), || {
-        if !srv.is_null() {
-            // SAFETY: srv came from Box::into_raw in nbdkit_server_new.
-            drop(unsafe { Box::from_raw(srv.cast::<Server>()) });
+        let Some(s) = server(srv) else { return };
+        let running = s.with_phase("nbdkit_server_free", |p| matches!(p, Phase::Running(_))).unwrap_or(true);
+        if running {
+            log::error!("nbdkit_server_free: the server's loop is running; not freed");
+            return;
         }
+        // SAFETY: srv came from Box::into_raw in nbdkit_server_new, and no
+        // call of ours is using it (the loop is not running).
+        drop(unsafe { Box::from_raw(srv.cast::<Server>()) });
     })
 }
 
-/// Listens on a Unix socket at `path`. A stale socket file there is
-/// replaced; any other file is an error. The path is removed when the
+/// Listens on a Unix socket at `path`. A stale socket file there (one no
+/// server answers on) is replaced; a socket a live server answers on gives
+/// -EADDRINUSE, and so does any other file. The path is removed when the
 /// loop ends. Set-up thread only, before `nbdkit_main_loop`.
 ///
 /// Returns 0 or a negative errno.
@@ -196,13 +324,24 @@ pub unsafe extern "C" fn nbdkit_server_listen_unix(srv: *mut nbdkit_server, path
     with_setup(srv, "nbdkit_server_listen_unix", |l| {
         let Some(path) = c_str(path).map(PathBuf::from) else { return neg(libc::EINVAL) };
         if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
-            let _ = std::fs::remove_file(&path);
+            // A socket nobody answers on is left over from a server that
+            // died; one that answers belongs to a live server.
+            match mio::net::UnixStream::connect(&path) {
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {}
+                _ => {
+                    log::error!("cannot listen on {}: a server is listening there", path.display());
+                    return neg(libc::EADDRINUSE);
+                }
+            }
         }
         let listener = match mio::net::UnixListener::bind(&path) {
             Ok(u) => u,
             Err(e) => {
-                log::error!("cannot listen on {}: {e}", path.display());
-                return neg(e.raw_os_error().unwrap_or(libc::EIO));
+                log::error!("cannot listen on {}: {}", path.display(), Describe(&e));
+                return neg(errno::of(&e, libc::EIO));
             }
         };
         match l.add_listener(Listener::Unix(listener, Some(path))) {
@@ -245,8 +384,8 @@ pub unsafe extern "C" fn nbdkit_server_listen_tcp(srv: *mut nbdkit_server, host:
                     }
                 }
                 Err(e) => {
-                    log::error!("cannot listen on {addr}: {e}");
-                    return neg(e.raw_os_error().unwrap_or(libc::EIO));
+                    log::error!("cannot listen on {addr}: {}", Describe(&e));
+                    return neg(errno::of(&e, libc::EIO));
                 }
             }
         }
@@ -255,18 +394,21 @@ pub unsafe extern "C" fn nbdkit_server_listen_tcp(srv: *mut nbdkit_server, host:
 }
 
 /// Listens on the sockets systemd passed when socket-activating this
-/// process (LISTEN_PID / LISTEN_FDS, from fd 3), Unix or TCP. Set-up
-/// thread only, before `nbdkit_main_loop`.
+/// process (LISTEN_PID / LISTEN_FDS, from fd 3), Unix or TCP. The sockets
+/// are taken once per process: the call clears LISTEN_PID, LISTEN_FDS
+/// and LISTEN_FDNAMES as `sd_listen_fds(1)` does, and later calls (for
+/// this or another server) take none. Set-up thread only, before
+/// `nbdkit_main_loop`.
 ///
 /// Returns how many sockets were taken (0 when the process was not
-/// socket-activated), or a negative errno.
+/// socket-activated or they were taken already), or a negative errno.
 #[unsafe(no_mangle)]
 pub extern "C" fn nbdkit_server_listen_systemd(srv: *mut nbdkit_server) -> c_int {
     with_setup(srv, "nbdkit_server_listen_systemd", |l| {
         let listeners = match crate::adopt::systemd_listeners() {
             Ok(v) => v,
             Err(e) => {
-                log::error!("socket activation: {e}");
+                log::error!("socket activation: {}", Describe(&e));
                 return neg(e.raw_os_error().unwrap_or(libc::EINVAL));
             }
         };
@@ -295,7 +437,7 @@ pub extern "C" fn nbdkit_server_serve_fd(srv: *mut nbdkit_server, fd: c_int) -> 
             0
         }
         Err(e) => {
-            log::error!("nbdkit_server_serve_fd: fd {fd}: {e}");
+            log::error!("nbdkit_server_serve_fd: fd {fd}: {}", Describe(&e));
             neg(e.raw_os_error().unwrap_or(libc::EINVAL))
         }
     })
@@ -366,6 +508,25 @@ pub extern "C" fn nbdkit_server_set_max_inflight(srv: *mut nbdkit_server, max_op
     })
 }
 
+/// Sets the largest READ or WRITE a client may send, in bytes (default
+/// 64 MiB, as nbdkit; at least 512, at most 1 GiB). It is advertised to
+/// clients as the maximum block size (NBD_INFO_BLOCK_SIZE); a plugin's
+/// `block_size` maximum above it is lowered to it. Larger requests are
+/// refused with EINVAL (a client sending a larger payload with extended
+/// headers is disconnected). Set-up thread only. Returns 0, or -EINVAL
+/// outside that range.
+#[unsafe(no_mangle)]
+pub extern "C" fn nbdkit_server_set_max_request_size(srv: *mut nbdkit_server, bytes: u32) -> c_int {
+    with_setup(srv, "nbdkit_server_set_max_request_size", |l| {
+        if !(512..=crate::config::MAX_REQUEST_LIMIT).contains(&bytes) {
+            log::error!("nbdkit_server_set_max_request_size: {bytes} is outside 512 bytes to 1 GiB");
+            return neg(libc::EINVAL);
+        }
+        l.config.max_request = bytes;
+        0
+    })
+}
+
 /// Sets how many worker threads run a synchronous plugin's callbacks
 /// (default 16, like nbdkit). Ignored for asynchronous plugins, which get
 /// no threads from the library. Set-up thread only. Returns 0, or -EINVAL for 0.
@@ -392,12 +553,14 @@ pub extern "C" fn nbdkit_server_set_max_connections(srv: *mut nbdkit_server, max
 }
 
 /// Caps the memory clients can make the server hold: request payloads,
-/// read buffers and unsent replies, per connection (default 256 MiB) and
+/// read buffers and unsent replies, per connection (default 64 MiB) and
 /// over all connections (default 1 GiB). A connection at its cap, or any
 /// connection holding memory while the total is at its cap, gets no new
 /// request read until replies go out; one connection at a time that holds
 /// nothing may still start one, so no client starves. A request may thus
-/// overshoot a cap by its own size (at most 32 MiB). A WRITE payload, once
+/// overshoot a cap by its own size (see
+/// `nbdkit_server_set_max_request_size`). Independently, a client whose
+/// unsent replies pass 4 MiB gets no new request read until it reads them. A WRITE payload, once
 /// started, is received to its end; its buffer grows with what the client
 /// actually sent, so a client stalling mid-payload holds at most that (cap
 /// connections with `nbdkit_server_set_max_connections` to bound those).
@@ -455,38 +618,57 @@ pub extern "C" fn nbdkit_server_set_shutdown_grace_ms(srv: *mut nbdkit_server, m
 
 /// Runs the server on the calling thread until `nbdkit_server_shutdown` or
 /// `nbdkit_shutdown`. On shutdown it stops accepting clients and reading
-/// requests, waits for every op in flight to be replied to and for the
+/// requests, waits for every op in flight to be answered (by the plugin,
+/// or with ESHUTDOWN once the shutdown grace has passed) and for the
 /// replies to reach clients, closes every connection, and returns.
 ///
-/// All plugin callbacks run on this thread. Call it once per server.
-/// Returns 0 after a clean shutdown, or a negative errno.
+/// `open`, `close`, the capability callbacks and an async plugin's I/O
+/// callbacks run on this thread (see the header's opening comment for the
+/// rest). Call it once per server, from the thread that owns it.
+///
+/// Returns 0 after a clean shutdown, -EBUSY at once when the loop is
+/// already running (a second call, from any thread or from a callback) or
+/// has run, -EIO after an internal error (logged; the server's memory is
+/// then kept so that buffers the plugin holds stay valid), or another
+/// negative errno when the loop could not start (a listening socket, TLS).
 #[unsafe(no_mangle)]
 pub extern "C" fn nbdkit_main_loop(srv: *mut nbdkit_server) -> c_int {
-    guard("nbdkit_main_loop", neg(libc::EIO), || {
-        let Some(s) = server(srv) else { return neg(libc::EINVAL) };
-        let mut event_loop = match std::mem::replace(&mut *s.phase.lock(), Phase::Running) {
-            Phase::Setup(l) => l,
-            other => {
-                *s.phase.lock() = other;
-                log::error!("nbdkit_main_loop: the server is running or has run");
-                return neg(libc::EBUSY);
-            }
+    const NAME: &str = "nbdkit_main_loop";
+    guard(NAME, neg(libc::EIO), || {
+        let Some(s) = server(srv) else {
+            log::error!("{NAME}: NULL server");
+            return neg(libc::EINVAL);
         };
-        let result = event_loop.run();
-        *s.phase.lock() = Phase::Finished(event_loop);
-        match result {
-            Ok(()) => 0,
-            Err(e) => {
-                log::error!("event loop failed: {e}");
-                neg(e.raw_os_error().unwrap_or(libc::EIO))
+        let mut event_loop = match s.take_loop(NAME, Driver::MainLoop, |p| matches!(p, Phase::Setup(_))) {
+            Ok(l) => l,
+            Err(e) => return e,
+        };
+        match run_guarded(NAME, &mut event_loop, |l| l.run()) {
+            Ok(result) => {
+                s.put_loop(Phase::Finished(event_loop));
+                match result {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        log::error!("event loop failed: {}", Describe(&e));
+                        neg(errno::of(&e, libc::EIO))
+                    }
+                }
+            }
+            Err(()) => {
+                std::mem::forget(event_loop);
+                s.put_loop(Phase::Failed);
+                neg(libc::EIO)
             }
         }
     })
 }
 
 /// Asks one server's loop to shut down (see `nbdkit_main_loop`) and
-/// returns at once. Thread-safe: call it from any thread, any number of
-/// times, before or while the loop runs.
+/// returns at once without waiting for it. Thread-safe: call it from any
+/// thread (callbacks included), any number of times, before, while or
+/// after the loop runs; a loop not yet started stops as soon as it starts.
+///
+/// Returns 0 when the request is recorded, or -EINVAL for a NULL server.
 #[unsafe(no_mangle)]
 pub extern "C" fn nbdkit_server_shutdown(srv: *mut nbdkit_server) -> c_int {
     guard("nbdkit_server_shutdown", neg(libc::EIO), || match server(srv) {
@@ -505,4 +687,109 @@ pub extern "C" fn nbdkit_server_shutdown(srv: *mut nbdkit_server) -> c_int {
 #[unsafe(no_mangle)]
 pub extern "C" fn nbdkit_shutdown() {
     request_global_shutdown();
+}
+
+#[cfg(test)]
+mod tests {
+    //! A panic inside the loop must not free what the plugin still holds.
+
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::os::fd::IntoRawFd;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+
+    use super::*;
+    use crate::ffi::plugin::nbdkit_op;
+    use crate::protocol::consts::{CLIENT_FLAG_NO_ZEROES, CMD_READ, IHAVEOPT, OPT_EXPORT_NAME, REQUEST_MAGIC};
+
+    /// Notes whether the block at WATCHED is ever freed.
+    struct Watching;
+    static WATCHED: AtomicUsize = AtomicUsize::new(0);
+    static FREED: AtomicBool = AtomicBool::new(false);
+    static HELD_OP: AtomicUsize = AtomicUsize::new(0);
+
+    // SAFETY: forwards to the system allocator; only observes frees.
+    unsafe impl GlobalAlloc for Watching {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            // SAFETY: forwarded.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            if ptr as usize == WATCHED.load(SeqCst) {
+                FREED.store(true, SeqCst);
+            }
+            // SAFETY: forwarded.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: Watching = Watching;
+
+    unsafe extern "C" fn size(_: *mut c_void) -> i64 {
+        1 << 20
+    }
+
+    /// Holds the op and its buffer, as an async plugin filling it from
+    /// another thread would.
+    unsafe extern "C" fn pread(op: *mut nbdkit_op, _: *mut c_void, buf: *mut c_void, _: u32, _: u64, _: u32) -> c_int {
+        WATCHED.store(buf as usize, SeqCst);
+        HELD_OP.store(op as usize, SeqCst);
+        0
+    }
+
+    /// Fixed newstyle, NBD_OPT_EXPORT_NAME "", a 4 KiB READ, and once the
+    /// plugin holds it, another (a new loop turn with an op in flight).
+    fn client(mut s: UnixStream) -> UnixStream {
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).unwrap();
+        s.write_all(&CLIENT_FLAG_NO_ZEROES.to_be_bytes()).unwrap();
+        let mut opt = IHAVEOPT.to_be_bytes().to_vec();
+        opt.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
+        opt.extend_from_slice(&0u32.to_be_bytes());
+        s.write_all(&opt).unwrap();
+        let mut export = [0u8; 10];
+        s.read_exact(&mut export).unwrap();
+        let mut req = REQUEST_MAGIC.to_be_bytes().to_vec();
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&CMD_READ.to_be_bytes());
+        req.extend_from_slice(&1u64.to_be_bytes());
+        req.extend_from_slice(&0u64.to_be_bytes());
+        req.extend_from_slice(&4096u32.to_be_bytes());
+        s.write_all(&req).unwrap();
+        while WATCHED.load(SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        s.write_all(&req).unwrap();
+        s
+    }
+
+    #[test]
+    fn a_panic_in_the_loop_keeps_the_plugins_buffers() {
+        // SAFETY: all-zero is a valid plugin struct (NULL callbacks).
+        let mut p: nbdkit_plugin_lowlevel = unsafe { std::mem::zeroed() };
+        p.get_size = Some(size);
+        p.pread = Some(pread);
+        // SAFETY: a valid struct of the size given.
+        let srv = unsafe { nbdkit_server_new(&p, std::mem::size_of_val(&p), std::ptr::null_mut()) };
+        assert!(!srv.is_null());
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        assert_eq!(nbdkit_server_serve_fd(srv, ours.into_raw_fd()), 0);
+        let peer = std::thread::spawn(move || client(theirs));
+        crate::event_loop::tests::PANIC_WITH_OPS.store(true, SeqCst);
+        assert_eq!(nbdkit_main_loop(srv), -libc::EIO, "the loop reports the internal error");
+        let _peer = peer.join().unwrap();
+        let buf = WATCHED.load(SeqCst);
+        assert_ne!(buf, 0, "pread ran");
+        assert!(!FREED.load(SeqCst), "the read buffer was freed under the plugin");
+        assert_eq!(nbdkit_main_loop(srv), -libc::EBUSY);
+        nbdkit_server_free(srv);
+        assert!(!FREED.load(SeqCst), "nbdkit_server_free freed the read buffer");
+        // The plugin may still fill it, and answer: refused, harmlessly.
+        // SAFETY: the buffer was kept (leaked) on purpose; 4096 bytes.
+        unsafe { std::ptr::write_bytes(buf as *mut u8, 0x5a, 4096) };
+        let op = HELD_OP.load(SeqCst) as *mut nbdkit_op;
+        assert!(crate::ffi::reply::nbdkit_reply(op) < 0);
+    }
 }

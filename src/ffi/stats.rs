@@ -34,9 +34,11 @@ pub struct nbdkit_stats {
 }
 
 /// Fills `out` (of `size` bytes, normally `sizeof *out`) with the server's
-/// counters. Thread-safe: call from any thread at any time while the
-/// server exists. Each counter is exact; together they are a snapshot
-/// taken while the server keeps running.
+/// counters. A larger `size` (a program built against a newer header)
+/// gets the fields this library does not know set to 0. Thread-safe:
+/// call from any thread (callbacks included) at any time while the server
+/// exists. Each counter is exact; together they are a snapshot taken
+/// while the server keeps running.
 ///
 /// Returns 0 or a negative errno.
 ///
@@ -64,6 +66,11 @@ pub unsafe extern "C" fn nbdkit_server_stats(srv: *mut nbdkit_server, out: *mut 
         let n = size.min(std::mem::size_of::<nbdkit_stats>());
         // SAFETY: `out` has `size` writable bytes; we copy at most that.
         unsafe { std::ptr::copy_nonoverlapping((&snap as *const nbdkit_stats).cast::<u8>(), out.cast::<u8>(), n) };
+        if size > n {
+            // A caller built against a newer header: fields we do not know read 0.
+            // SAFETY: bytes n..size of `out` are writable (the caller's size).
+            unsafe { std::ptr::write_bytes(out.cast::<u8>().add(n), 0, size - n) };
+        }
         0
     })
 }

@@ -5,7 +5,9 @@ use std::path::Path;
 
 use super::server::{nbdkit_server, with_setup};
 use super::{guard, neg};
+use crate::errno::Describe;
 use crate::protocol::handshake::TlsMode;
+use crate::tls::{Origin, TlsSettings};
 
 /// No TLS: NBD_OPT_STARTTLS is refused (the default).
 pub const NBDKIT_TLS_OFF: c_int = 0;
@@ -36,7 +38,12 @@ pub extern "C" fn nbdkit_server_set_tls(srv: *mut nbdkit_server, mode: c_int) ->
 /// nbdkit, qemu and libnbd expect: `server-cert.pem` (the chain, leaf
 /// first) and `server-key.pem`, plus `ca-cert.pem` if present (used to
 /// verify clients, see `nbdkit_server_set_tls_verify_peer`). The files
-/// are read now. Set-up thread only. Returns 0 or a negative errno.
+/// are read and checked now (PEM syntax, the key matching the
+/// certificate, a key type and size the TLS stack accepts: RSA of 2048
+/// bits or more, ECDSA, Ed25519); an error names the file and the reason
+/// in the log. Set-up thread only. Returns 0, or a negative errno: the
+/// file's errno (ENOENT, EACCES) when it cannot be read, EINVAL when its
+/// contents are refused; the settings are then unchanged.
 ///
 /// # Safety
 /// `dir` must be a NUL-terminated string.
@@ -48,25 +55,50 @@ pub unsafe extern "C" fn nbdkit_server_set_tls_certificates(srv: *mut nbdkit_ser
         }
         // SAFETY: the caller passes a NUL-terminated string.
         let dir = Path::new(unsafe { CStr::from_ptr(dir) }.to_str().unwrap_or(""));
-        let read = |name: &str| std::fs::read(dir.join(name));
+        let name = |f: &str| dir.join(f).display().to_string();
+        let read = |f: &str| std::fs::read(dir.join(f)).map_err(|e| (name(f), e));
         let (cert, key) = match (read("server-cert.pem"), read("server-key.pem")) {
             (Ok(c), Ok(k)) => (c, k),
-            (Err(e), _) | (_, Err(e)) => {
-                log::error!("TLS certificates in {}: {e}", dir.display());
+            (Err((file, e)), _) | (_, Err((file, e))) => {
+                log::error!("TLS: cannot read {file}: {}", Describe(&e));
                 return neg(e.raw_os_error().unwrap_or(libc::EINVAL));
             }
         };
-        let s = &mut l.config.tls_settings;
-        s.certificate_chain = cert;
-        s.private_key = key;
-        s.client_ca = read("ca-cert.pem").ok();
-        0
+        let read = |f: &str| std::fs::read(dir.join(f));
+        let settings = TlsSettings {
+            certificate_chain: cert,
+            private_key: key,
+            client_ca: read("ca-cert.pem").ok(),
+            verify_peer: l.config.tls_settings.verify_peer,
+            origin: Origin {
+                certificate_chain: name("server-cert.pem"),
+                private_key: name("server-key.pem"),
+                client_ca: name("ca-cert.pem"),
+            },
+        };
+        adopt(l, settings)
     })
+}
+
+/// Takes new TLS settings once they pass `TlsSettings::check`.
+fn adopt(l: &mut crate::event_loop::EventLoop, settings: TlsSettings) -> c_int {
+    match settings.check() {
+        Ok(()) => {
+            l.config.tls_settings = settings;
+            0
+        }
+        Err(e) => {
+            log::error!("TLS: {}", Describe(&e));
+            neg(libc::EINVAL)
+        }
+    }
 }
 
 /// Sets the server's certificate chain and key, and optionally the CA
 /// for client verification, from PEM text in memory (copied). `ca_pem`
-/// may be NULL. Set-up thread only. Returns 0 or a negative errno.
+/// may be NULL. They are checked now, as by
+/// `nbdkit_server_set_tls_certificates`. Set-up thread only. Returns 0,
+/// or -EINVAL (logged with the reason) when they are refused.
 ///
 /// # Safety
 /// Each non-NULL argument must be a NUL-terminated string.
@@ -83,11 +115,14 @@ pub unsafe extern "C" fn nbdkit_server_set_tls_pem(
         }
         // SAFETY: the caller passes NUL-terminated strings.
         let bytes = |p: *const c_char| unsafe { CStr::from_ptr(p) }.to_bytes().to_vec();
-        let s = &mut l.config.tls_settings;
-        s.certificate_chain = bytes(certificate_chain_pem);
-        s.private_key = bytes(private_key_pem);
-        s.client_ca = (!ca_pem.is_null()).then(|| bytes(ca_pem));
-        0
+        let settings = TlsSettings {
+            certificate_chain: bytes(certificate_chain_pem),
+            private_key: bytes(private_key_pem),
+            client_ca: (!ca_pem.is_null()).then(|| bytes(ca_pem)),
+            verify_peer: l.config.tls_settings.verify_peer,
+            origin: Origin::default(),
+        };
+        adopt(l, settings)
     })
 }
 

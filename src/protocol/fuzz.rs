@@ -8,7 +8,7 @@
 
 use super::codec::{encode_request, RequestHeader};
 use super::consts::*;
-use super::handshake::{ExportInfo, ExportResolver, Handshake, Outcome, Purpose, TlsMode, MAX_OPTION_LEN};
+use super::handshake::{ExportInfo, ExportResolver, Handshake, Outcome, Purpose, Refusal, TlsMode, MAX_OPTION_LEN};
 use super::transmission::{Event, ExportCaps, FuaMode, RequestReader};
 
 /// xorshift64*: tiny, deterministic, good enough to shake a parser.
@@ -68,9 +68,9 @@ fn mutate(rng: &mut Rng, mut v: Vec<u8>) -> Vec<u8> {
 struct AnyExport;
 
 impl ExportResolver for AnyExport {
-    fn resolve(&mut self, name: &str, _: Purpose) -> Result<ExportInfo, u32> {
+    fn resolve(&mut self, name: &str, _: Purpose) -> Result<ExportInfo, Refusal> {
         if name.len() > 10 {
-            return Err(REP_ERR_UNKNOWN);
+            return Err(REP_ERR_UNKNOWN.into());
         }
         Ok(ExportInfo { name: name.into(), description: None, size: 1 << 20, flags: FLAG_HAS_FLAGS, block_size: (1, 4096, 1 << 25) })
     }

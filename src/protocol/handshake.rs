@@ -36,11 +36,24 @@ pub enum Purpose {
     Go,
 }
 
+/// Why an export was refused: an NBD_REP_ERR_* code, and the text the
+/// client shows its user (may be empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: u32,
+    pub message: String,
+}
+
+impl From<u32> for Refusal {
+    fn from(code: u32) -> Refusal {
+        Refusal { code, message: String::new() }
+    }
+}
+
 /// The server side of export selection, implemented by the connection.
 pub trait ExportResolver {
-    /// Resolves `name` (`""` is the default export). On failure returns an
-    /// NBD_REP_ERR_* code.
-    fn resolve(&mut self, name: &str, purpose: Purpose) -> Result<ExportInfo, u32>;
+    /// Resolves `name` (`""` is the default export).
+    fn resolve(&mut self, name: &str, purpose: Purpose) -> Result<ExportInfo, Refusal>;
     /// Every export as (name, description), for NBD_OPT_LIST.
     fn list(&mut self) -> Vec<(String, String)>;
     /// The meta contexts export `name` offers, as (id, name), or an
@@ -352,7 +365,15 @@ impl Handshake {
                 let purpose = if opt == OPT_GO { Purpose::Go } else { Purpose::Info };
                 let mut info = match exports.resolve(name, purpose) {
                     Ok(info) => info,
-                    Err(e) => return reply_err(out, e),
+                    Err(refusal) => {
+                        log::debug!("{}: {} {:?}", opt_name(opt), rep_name(refusal.code), refusal.message);
+                        // The spec caps strings at 4096 bytes.
+                        let text = refusal.message.as_bytes();
+                        let cut = text.len().min(4096);
+                        let cut = (0..=cut).rev().find(|&i| refusal.message.is_char_boundary(i)).unwrap_or(0);
+                        option_reply(out, opt, refusal.code, &text[..cut]);
+                        return None;
+                    }
                 };
                 if opt == OPT_GO && info.block_size.0 > 1 && !requests.contains(&INFO_BLOCK_SIZE) {
                     // A client that cannot hear our alignment could not honour it.
@@ -548,9 +569,9 @@ mod tests {
     }
 
     impl ExportResolver for OneExport {
-        fn resolve(&mut self, name: &str, purpose: Purpose) -> Result<ExportInfo, u32> {
+        fn resolve(&mut self, name: &str, purpose: Purpose) -> Result<ExportInfo, Refusal> {
             if name != "" && name != "disk" {
-                return Err(REP_ERR_UNKNOWN);
+                return Err(Refusal { code: REP_ERR_UNKNOWN, message: format!("no export {name:?}") });
             }
             self.opened.push((name.to_string(), purpose));
             Ok(ExportInfo {

@@ -4,8 +4,6 @@
 use super::codec::{decode_extended_request, decode_request, RequestHeader, EXTENDED_REQUEST_HEADER_LEN, REQUEST_HEADER_LEN};
 use super::consts::*;
 
-/// Largest READ or WRITE payload we accept: what nbdkit and qemu-nbd allow.
-pub(crate) const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 
 /// How the export handles FUA, as negotiated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,6 +221,10 @@ impl RequestReader {
                 Some(Event::Reject { header: h, error: NBD_EINVAL })
             }
         };
+        if payload && length > self.caps.block_size.2 as u64 {
+            // Skipping it could mean reading terabytes; the spec says to hang up.
+            return Some(Event::Fatal("request payload longer than the maximum block size"));
+        }
         if h.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
             return refuse(&mut self.state, h); // no block-status filters here
         }
@@ -309,7 +311,7 @@ pub fn validate(h: &RequestHeader, caps: &ExportCaps) -> Result<(), u32> {
         return Err(NBD_EINVAL);
     }
     let (min_block, _, max_block) = caps.block_size;
-    if matches!(h.cmd, CMD_READ | CMD_WRITE) && h.length > max_block.min(MAX_PAYLOAD) {
+    if matches!(h.cmd, CMD_READ | CMD_WRITE) && h.length > max_block {
         return Err(NBD_EINVAL);
     }
     if min_block > 1 && (h.offset % min_block as u64 != 0 || h.length % min_block != 0) {
@@ -327,6 +329,8 @@ mod tests {
     use super::super::codec::encode_request;
     use super::*;
 
+    const MAX_BLOCK: u32 = 64 << 20;
+
     fn caps() -> ExportCaps {
         ExportCaps {
             size: 1 << 20,
@@ -338,7 +342,7 @@ mod tests {
             can_multi_conn: false,
             can_fast_zero: false,
             fua: FuaMode::Emulate,
-            block_size: (1, 4096, MAX_PAYLOAD),
+            block_size: (1, 4096, MAX_BLOCK),
             structured_replies: false,
             base_allocation: false,
             extended_headers: false,
@@ -358,8 +362,8 @@ mod tests {
             (hdr(CMD_READ, 0, (1 << 20) - 1, 2), &c, Err(NBD_EINVAL)),
             (hdr(CMD_READ, 0, u64::MAX, 2), &c, Err(NBD_EINVAL)),
             (hdr(CMD_READ, 0, 0, 0), &c, Err(NBD_EINVAL)),
-            (hdr(CMD_READ, 0, 0, MAX_PAYLOAD + 1), &c, Err(NBD_EINVAL)),
-            (hdr(CMD_WRITE, 0, 0, MAX_PAYLOAD + 1), &c, Err(NBD_EINVAL)),
+            (hdr(CMD_READ, 0, 0, MAX_BLOCK + 1), &c, Err(NBD_EINVAL)),
+            (hdr(CMD_WRITE, 0, 0, MAX_BLOCK + 1), &c, Err(NBD_EINVAL)),
             (hdr(CMD_WRITE, CMD_FLAG_FUA, 0, 1), &ro, Err(NBD_EPERM)),
             (hdr(CMD_READ, CMD_FLAG_DF, 0, 1), &c, Err(NBD_EINVAL)),
             (hdr(CMD_READ, CMD_FLAG_DF, 0, 1), &ExportCaps { structured_replies: true, ..c }, Ok(())),
