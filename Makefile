@@ -5,6 +5,7 @@
 #   make check    install missing test tools (as root), then run every test
 #   make install  PREFIX=/usr/local DESTDIR=... (and make uninstall)
 #   make bench    side-by-side benchmark against nbdkit and qemu-nbd
+#   make bench-rbd  rbd-gateway against librbd on a throw-away Ceph cluster
 #   make soak     long fio verify run against memdisk (SOAK_SECONDS)
 #   make fuzz     long randomized run of the protocol parsers (FUZZ_ITERATIONS)
 
@@ -33,10 +34,14 @@ LIBS     := $(STATICLIB) $(PRIVATE_LIBS)
 
 EXAMPLES := $(patsubst c-examples/%.c,$(BUILD)/%,$(wildcard c-examples/*.c)) \
             $(patsubst cpp-examples/%.cpp,$(BUILD)/%,$(wildcard cpp-examples/*.cpp))
+# The Ceph RBD gateway needs librbd-dev (`make check` installs it).
+ifeq ($(wildcard /usr/include/rbd/librbd.h),)
+EXAMPLES := $(filter-out $(BUILD)/rbd-gateway,$(EXAMPLES))
+endif
 PYTHON   := /usr/bin/python3
 DEMO_SOCK := $(BUILD)/demo.sock
 
-.PHONY: all lib install uninstall demo check check-deps check-header unit-test integration-test bench soak fuzz clean
+.PHONY: all lib install uninstall demo check check-deps check-header unit-test integration-test bench bench-rbd soak fuzz clean
 
 all: $(EXAMPLES)
 
@@ -47,13 +52,15 @@ $(STATICLIB): FORCE
 	$(CARGO) build --release --quiet
 
 $(BUILD)/%: c-examples/%.c $(STATICLIB) $(HEADER) | $(BUILD)
-	$(CC) $(CFLAGS) -o $@ $< $(LIBS)
+	$(CC) $(CFLAGS) -o $@ $< $(LIBS) $(LDLIBS_EXTRA)
 
 $(BUILD)/%: cpp-examples/%.cpp $(STATICLIB) $(HEADER) $(wildcard include/*.hpp) | $(BUILD)
 	$(CXX) $(CXXFLAGS) -o $@ $< $(LIBS) $(LDLIBS_EXTRA)
 
 # The gateway speaks TLS to its upstream with boost::asio::ssl (OpenSSL).
 $(BUILD)/asio-gateway: LDLIBS_EXTRA := -lssl -lcrypto
+# librbd-dev ships no pkg-config file.
+$(BUILD)/rbd-gateway: LDLIBS_EXTRA := -lrbd -lrados
 
 $(BUILD):
 	mkdir -p $@
@@ -83,7 +90,10 @@ demo: all
 	@echo "Press Ctrl-C to stop."
 	$(BUILD)/memdisk --unix $(DEMO_SOCK) --size 1G --latency-ms 10
 
-check: check-deps all check-header unit-test integration-test
+# The dependencies first, in a make of their own: what they install (the
+# Ceph headers) decides which examples this Makefile builds.
+check: check-deps
+	$(MAKE) all check-header unit-test integration-test
 
 check-deps:
 	@tests/install-deps.sh
@@ -101,6 +111,11 @@ integration-test: all
 
 bench: check-deps all
 	$(PYTHON) bench/run.py
+
+# rbd-gateway against librbd on a throw-away Ceph cluster (bench/rbd.py).
+bench-rbd: check-deps
+	$(MAKE) all
+	$(PYTHON) bench/rbd.py
 
 SOAK_SECONDS ?= 600
 soak: check-deps all

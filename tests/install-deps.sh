@@ -14,6 +14,12 @@ have g++       || need="$need g++"
 /usr/bin/python3 -c 'import pytest' 2>/dev/null || need="$need python3-pytest"
 [ -e /usr/include/boost/asio.hpp ] || need="$need libboost-dev"
 [ -e /usr/include/openssl/ssl.h ] || need="$need libssl-dev"
+# A throw-away Ceph cluster (tests/ceph.py) and librbd to build against
+# (no pkg-config file: link with -lrbd -lrados).
+have ceph-mon  || need="$need ceph-mon"
+have ceph-osd  || need="$need ceph-osd"
+{ have ceph && have rbd; } || need="$need ceph-common"
+[ -e /usr/include/rbd/librbd.h ] || need="$need librbd-dev"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ]; then
     echo "installing:$need"
