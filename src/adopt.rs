@@ -20,7 +20,10 @@ fn family(fd: RawFd) -> io::Result<libc::sa_family_t> {
     let mut kind: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: valid pointers to a local int and its size.
-    if unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut kind as *mut libc::c_int).cast(), &mut len) } < 0 {
+    if unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE, (&mut kind as *mut libc::c_int).cast(), &mut len)
+    } < 0
+    {
         return Err(io::Error::last_os_error());
     }
     if kind != libc::SOCK_STREAM {
@@ -79,7 +82,9 @@ pub fn systemd_listeners() -> io::Result<Vec<Listener>> {
             match family(fd)? as i32 {
                 libc::AF_UNIX => Listener::Unix(UnixListener::from_raw_fd(fd), None),
                 libc::AF_INET | libc::AF_INET6 => Listener::Tcp(TcpListener::from_raw_fd(fd)),
-                _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is not a stream socket"))),
+                _ => {
+                    return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd} is not a stream socket")));
+                }
             }
         };
         out.push(l);

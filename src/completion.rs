@@ -182,7 +182,9 @@ pub fn complete(token: Token, outcome: Outcome) -> Result<(), ReplyError> {
     let refused = {
         let r = REGISTRY.read();
         match r.servers.get(token.server()).and_then(|s| s.as_ref()) {
-            Some(completions) => completions.push(Completion { token, outcome }).err().map(|c| (ReplyError::Closed, c.outcome)),
+            Some(completions) => {
+                completions.push(Completion { token, outcome }).err().map(|c| (ReplyError::Closed, c.outcome))
+            }
             None => Some((ReplyError::UnknownServer, outcome)),
         }
     };

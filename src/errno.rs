@@ -117,7 +117,10 @@ mod tests {
     fn names_and_meanings() {
         assert_eq!(Errno(libc::ENOSPC).to_string(), "ENOSPC (No space left on device)");
         assert_eq!(Errno(libc::EINVAL).to_string(), "EINVAL (Invalid argument)");
-        assert_eq!(Describe(&io::Error::from_raw_os_error(libc::ETIMEDOUT)).to_string(), "ETIMEDOUT (Connection timed out)");
+        assert_eq!(
+            Describe(&io::Error::from_raw_os_error(libc::ETIMEDOUT)).to_string(),
+            "ETIMEDOUT (Connection timed out)"
+        );
         assert!(!Errno(4000).to_string().contains("os error"));
         assert_eq!(Describe(&io::Error::other("bad key")).to_string(), "bad key");
     }

@@ -18,7 +18,7 @@ use slab::Slab;
 use crate::buffers::BufferPool;
 use crate::completion::{self, Completion, Completions, OpTable, Token};
 use crate::config::Config;
-use crate::conn::stream::{interrupted, would_block, Stream};
+use crate::conn::stream::{Stream, interrupted, would_block};
 use crate::conn::{Connection, Ctx, Next, Op};
 use crate::deadlines::Deadlines;
 use crate::plugin::Plugin;
@@ -162,7 +162,15 @@ impl EventLoop {
             epoch: SHUTDOWN_EPOCH.load(Ordering::SeqCst),
         });
         let state = LoopState { ops: OpTable::new(id), next_serial: 1, ..LoopState::default() };
-        Ok(EventLoop { poll, events: Events::with_capacity(1024), shared, plugin, config: Config::default(), listeners: Vec::new(), state })
+        Ok(EventLoop {
+            poll,
+            events: Events::with_capacity(1024),
+            shared,
+            plugin,
+            config: Config::default(),
+            listeners: Vec::new(),
+            state,
+        })
     }
 
     pub fn add_listener(&mut self, mut l: Listener) -> io::Result<()> {
@@ -351,9 +359,9 @@ impl EventLoop {
             s.accept_retry,
             self.exempt_stall_deadline(),
         ]
-            .into_iter()
-            .flatten()
-            .min();
+        .into_iter()
+        .flatten()
+        .min();
         if s.stopping_since.is_some() {
             // Re-check grace and flush limits regularly while draining.
             next = Some(next.map_or(now + STOPPING_TICK, |n| n.min(now + STOPPING_TICK)));
@@ -443,9 +451,15 @@ impl EventLoop {
             s.next_serial += 1;
             // SERIALIZE_CONNECTIONS: later clients wait, ungreeted, for their turn.
             let wait = self.plugin.thread_model() == Some(ThreadModel::SerializeConnections) && !s.conns.is_empty();
-            let mut conn = crate::logging::in_connection(serial, || Connection::new(key, serial, stream, wait, self.config.tls_mode));
+            let mut conn = crate::logging::in_connection(serial, || {
+                Connection::new(key, serial, stream, wait, self.config.tls_mode)
+            });
             let stream = conn.stream_mut().expect("new connection");
-            if let Err(e) = self.poll.registry().register(stream, MioToken(FIRST_CONN + key), Interest::READABLE | Interest::WRITABLE) {
+            if let Err(e) = self.poll.registry().register(
+                stream,
+                MioToken(FIRST_CONN + key),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
                 log::warn!("cannot register a new connection: {}", crate::errno::Describe(&e));
                 return;
             }
@@ -578,7 +592,11 @@ impl EventLoop {
         let Some(since) = self.state.stopping_since else { return false };
         if let Some(grace) = self.config.shutdown_grace {
             if !self.state.grace_expired && now >= since + grace && self.unanswered() > 0 {
-                log::warn!("{}: {} ops unanswered after the grace period; answering ESHUTDOWN", self.plugin.name, self.unanswered());
+                log::warn!(
+                    "{}: {} ops unanswered after the grace period; answering ESHUTDOWN",
+                    self.plugin.name,
+                    self.unanswered()
+                );
                 self.state.grace_expired = true;
                 let why = format!("no reply from the plugin within the {} ms shutdown grace", grace.as_millis());
                 let keys: Vec<usize> = self.state.conns.iter().map(|(k, _)| k).collect();

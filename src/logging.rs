@@ -8,7 +8,7 @@
 //! (`conn 7: ...`), so the sans-IO protocol code needs no id of its own.
 
 use std::cell::Cell;
-use std::ffi::{c_int, c_void, CString};
+use std::ffi::{CString, c_int, c_void};
 use std::io::Write;
 
 use parking_lot::RwLock;

@@ -5,13 +5,13 @@
 //! called directly; a synchronous plugin's are queued to the worker pool.
 //! Either way the op is finished through the completion queue.
 
-use std::ffi::{c_int, c_void, CStr, CString};
+use std::ffi::{CStr, CString, c_int, c_void};
 
 use crate::completion::Token;
 use crate::ffi::plugin::*;
 use crate::ffi::sync_plugin::nbdkit_plugin;
-use crate::worker_pool::{Job, SyncIo, ThreadModel, WorkerPool};
 use crate::protocol::transmission::{ExportCaps, FuaMode};
+use crate::worker_pool::{Job, SyncIo, ThreadModel, WorkerPool};
 
 /// The plugin's per-connection handle from `open`.
 #[derive(Clone, Copy, Debug)]
@@ -78,7 +78,14 @@ impl Plugin {
         if sync.get_size.is_none() || sync.pread.is_none() {
             return Err("plugin needs at least get_size and pread callbacks");
         }
-        let io = SyncIo { pread: sync.pread, pwrite: sync.pwrite, flush: sync.flush, trim: sync.trim, zero: sync.zero, cache: sync.cache };
+        let io = SyncIo {
+            pread: sync.pread,
+            pwrite: sync.pwrite,
+            flush: sync.flush,
+            trim: sync.trim,
+            zero: sync.zero,
+            cache: sync.cache,
+        };
         // SAFETY: all-zero is a valid struct of NULL pointers and None callbacks.
         let mut raw: nbdkit_plugin_lowlevel = unsafe { std::mem::zeroed() };
         raw.name = sync.name;
@@ -283,7 +290,17 @@ impl Plugin {
     /// Hands an op to the plugin. `buf` is the read buffer or write payload.
     /// `conn` is the connection's serial (thread models serialize by it).
     #[allow(clippy::too_many_arguments)]
-    pub fn start(&self, io: Io, token: Token, conn: u64, h: Handle, buf: &mut [u8], count: u32, offset: u64, flags: u32) -> Started {
+    pub fn start(
+        &self,
+        io: Io,
+        token: Token,
+        conn: u64,
+        h: Handle,
+        buf: &mut [u8],
+        count: u32,
+        offset: u64,
+        flags: u32,
+    ) -> Started {
         if let Some(pool) = &self.pool {
             pool.submit(Job { token, conn, io, handle: h, buf: buf.as_mut_ptr(), count, offset, flags });
             return Started::Taken;

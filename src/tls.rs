@@ -97,8 +97,10 @@ impl TlsSettings {
             .with_safe_default_protocol_versions()
             .map_err(invalid)?;
         let builder = if verify_peer {
-            let roots = self.roots()?.ok_or_else(|| invalid("verifying clients needs a CA certificate (ca-cert.pem)"))?;
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().map_err(invalid)?;
+            let roots =
+                self.roots()?.ok_or_else(|| invalid("verifying clients needs a CA certificate (ca-cert.pem)"))?;
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().map_err(invalid)?;
             builder.with_client_cert_verifier(verifier)
         } else {
             builder.with_no_client_auth()

@@ -176,7 +176,10 @@ pub struct WorkerPool {
 impl WorkerPool {
     pub fn new(io: SyncIo, model: ThreadModel) -> WorkerPool {
         let state = State { queue: VecDeque::new(), busy: Vec::new(), running: 0, stopping: false };
-        WorkerPool { shared: Arc::new(Shared { state: Mutex::new(state), work: Condvar::new(), io, model }), threads: Vec::new() }
+        WorkerPool {
+            shared: Arc::new(Shared { state: Mutex::new(state), work: Condvar::new(), io, model }),
+            threads: Vec::new(),
+        }
     }
 
     pub fn io(&self) -> &SyncIo {

@@ -12,20 +12,24 @@ use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::buffers::BufferPool;
 use crate::completion::{OpTable, Outcome, Retire, Token};
 use crate::config::Config;
 use crate::deadlines::Deadlines;
-use crate::buffers::BufferPool;
-use crate::stats::Stats;
-use crate::ffi::plugin::{NBDKIT_EXTENT_ZERO, NBDKIT_FLAG_FAST_ZERO, NBDKIT_FLAG_FUA, NBDKIT_FLAG_MAY_TRIM, NBDKIT_FLAG_REQ_ONE};
 use crate::errno::{Describe, Errno};
+use crate::ffi::plugin::{
+    NBDKIT_EXTENT_ZERO, NBDKIT_FLAG_FAST_ZERO, NBDKIT_FLAG_FUA, NBDKIT_FLAG_MAY_TRIM, NBDKIT_FLAG_REQ_ONE,
+};
 use crate::plugin::{Handle, Io, Plugin, Started};
 use crate::protocol::codec::{self, ReplyHeader, RequestHeader};
 use crate::protocol::consts::*;
-use crate::protocol::handshake::{ExportInfo, ExportResolver, Handshake, Outcome as HsOutcome, Purpose, Refusal, TlsMode};
+use crate::protocol::handshake::{
+    ExportInfo, ExportResolver, Handshake, Outcome as HsOutcome, Purpose, Refusal, TlsMode,
+};
 use crate::protocol::transmission::{Event, ExportCaps, FuaMode, Request, RequestReader};
+use crate::stats::Stats;
 use output::Output;
-use stream::{interrupted, would_block, Stream};
+use stream::{Stream, interrupted, would_block};
 use transport::Transport;
 
 /// Size of the per-connection read buffer.
@@ -258,7 +262,12 @@ impl Connection {
     /// sent) while the plugin still holds ops its client was already
     /// answered for: nothing it waits for can come any more.
     pub fn let_go_if_done(&mut self) {
-        if self.stream.is_some() && self.reading_done && self.output.is_empty() && self.inflight > 0 && self.unanswered() == 0 {
+        if self.stream.is_some()
+            && self.reading_done
+            && self.output.is_empty()
+            && self.inflight > 0
+            && self.unanswered() == 0
+        {
             let held = self.inflight;
             self.break_off(&format!("client done; the plugin still holds {held} ops answered without it"));
         }
@@ -393,7 +402,11 @@ impl Connection {
         let mut budget = READ_BUDGET;
         self.turn_read_bytes = 0;
         loop {
-            if self.reading_done || self.stream.is_none() || self.tls_pending.is_some() || matches!(self.phase, Phase::Waiting) {
+            if self.reading_done
+                || self.stream.is_none()
+                || self.tls_pending.is_some()
+                || matches!(self.phase, Phase::Waiting)
+            {
                 return Next::Wait;
             }
             if let Some(next) = self.paused(ctx) {
@@ -465,8 +478,12 @@ impl Connection {
             Phase::Handshake(hs) => {
                 let mut out = Vec::new();
                 let peer_certificate = self.stream.as_ref().and_then(|t| t.peer_certificate());
-                let mut resolver =
-                    Resolver { ctx, handle: &mut self.handle, caps: &mut self.caps, peer_certificate: peer_certificate.as_deref() };
+                let mut resolver = Resolver {
+                    ctx,
+                    handle: &mut self.handle,
+                    caps: &mut self.caps,
+                    peer_certificate: peer_certificate.as_deref(),
+                };
                 let (used, outcome) = hs.feed(input, &mut out, &mut resolver);
                 self.in_start += used;
                 self.output.push_bytes(out);
@@ -611,7 +628,11 @@ impl Connection {
     pub fn complete(&mut self, token: Token, outcome: Outcome, ctx: &mut Ctx) {
         let op = ctx.ops.get(token).expect("caller looked it up");
         if op.answered {
-            log::debug!("{} at offset {}: late reply after the client was answered; ignored", cmd_name(op.cmd), op.offset);
+            log::debug!(
+                "{} at offset {}: late reply after the client was answered; ignored",
+                cmd_name(op.cmd),
+                op.offset
+            );
             let op = ctx.ops.remove(token).expect("live op");
             self.release(&op, ctx.stats);
             return;
@@ -803,14 +824,20 @@ impl Connection {
     /// client takes only simple replies.
     fn reply_to(&self, h: &RequestHeader) -> Option<codec::ReplyTo> {
         let caps = self.caps.as_ref()?;
-        caps.structured_replies.then_some(codec::ReplyTo { cookie: h.cookie, offset: h.offset, extended: caps.extended_headers })
+        caps.structured_replies.then_some(codec::ReplyTo {
+            cookie: h.cookie,
+            offset: h.offset,
+            extended: caps.extended_headers,
+        })
     }
 
     fn queue_error(&mut self, h: &RequestHeader, nbd_error: u32) {
         // READ and BLOCK_STATUS must be answered with structured replies
         // once negotiated; with extended headers, everything is.
         let reply = match self.reply_to(h) {
-            Some(to) if to.extended || matches!(h.cmd, CMD_READ | CMD_BLOCK_STATUS) => codec::error_chunk(&to, nbd_error),
+            Some(to) if to.extended || matches!(h.cmd, CMD_READ | CMD_BLOCK_STATUS) => {
+                codec::error_chunk(&to, nbd_error)
+            }
             _ => codec::simple_reply(h.cookie, nbd_error),
         };
         self.output.push_reply(reply, Vec::new());
@@ -823,7 +850,8 @@ impl Connection {
             return;
         }
         let Some(stream) = self.stream.as_mut() else { return };
-        let result = self.output.flush(stream).and_then(|all| if all { stream.flush().map(|()| true) } else { Ok(false) });
+        let result =
+            self.output.flush(stream).and_then(|all| if all { stream.flush().map(|()| true) } else { Ok(false) });
         match result {
             Ok(true) => {}
             Ok(false) => self.write_blocked = true,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
 
-use super::stream::{would_block, Stream};
+use super::stream::{Stream, would_block};
 
 /// Plaintext rustls may hold for sending before writes push back.
 const TLS_SEND_BUFFER: usize = 256 * 1024;

@@ -5,7 +5,7 @@
 use std::ffi::c_int;
 use std::time::Duration;
 
-use super::server::{nbdkit_server, run_guarded, server, Driver, Phase};
+use super::server::{Driver, Phase, nbdkit_server, run_guarded, server};
 use super::{guard, neg};
 use crate::errno::{self, Describe};
 

@@ -1,6 +1,6 @@
 //! Routing the library's log to the host, and the host's lines into it.
 
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{CStr, c_char, c_int, c_void};
 
 use super::{guard, neg};
 

@@ -13,7 +13,7 @@ pub mod sync_plugin;
 pub mod tls;
 pub mod version;
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
 /// Runs an exported function's body, turning a panic into `on_panic`.
 fn guard<T>(name: &str, on_panic: T, body: impl FnOnce() -> T) -> T {

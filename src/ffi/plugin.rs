@@ -140,13 +140,27 @@ pub struct nbdkit_plugin_lowlevel {
     /// `nbdkit_reply_read_nocopy` (lent from elsewhere; `buf` goes unused),
     /// `nbdkit_reply_error`.
     pub pread: Option<
-        unsafe extern "C" fn(op: *mut nbdkit_op, handle: *mut c_void, buf: *mut c_void, count: u32, offset: u64, flags: u32) -> c_int,
+        unsafe extern "C" fn(
+            op: *mut nbdkit_op,
+            handle: *mut c_void,
+            buf: *mut c_void,
+            count: u32,
+            offset: u64,
+            flags: u32,
+        ) -> c_int,
     >,
     /// Writes `count` bytes from `buf` at `offset`. `buf` stays valid until
     /// the op is replied to. `flags` may hold NBDKIT_FLAG_FUA.
     /// Valid replies: `nbdkit_reply`, `nbdkit_reply_error`.
     pub pwrite: Option<
-        unsafe extern "C" fn(op: *mut nbdkit_op, handle: *mut c_void, buf: *const c_void, count: u32, offset: u64, flags: u32) -> c_int,
+        unsafe extern "C" fn(
+            op: *mut nbdkit_op,
+            handle: *mut c_void,
+            buf: *const c_void,
+            count: u32,
+            offset: u64,
+            flags: u32,
+        ) -> c_int,
     >,
     /// Makes every write completed so far durable.
     /// Valid replies: `nbdkit_reply`, `nbdkit_reply_error`.
@@ -231,7 +245,11 @@ const MAX_EXPORTS: usize = 10_000;
 /// `exports` must be the pointer `list_exports` received; the strings must
 /// be NUL-terminated.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nbdkit_add_export(exports: *mut nbdkit_exports, name: *const c_char, description: *const c_char) -> c_int {
+pub unsafe extern "C" fn nbdkit_add_export(
+    exports: *mut nbdkit_exports,
+    name: *const c_char,
+    description: *const c_char,
+) -> c_int {
     super::guard("nbdkit_add_export", -libc::EIO, || {
         // SAFETY: the caller passes the list it was given.
         let Some(list) = (unsafe { exports.cast::<ExportList>().as_mut() }) else { return -libc::EINVAL };

@@ -156,7 +156,11 @@ pub unsafe extern "C" fn nbdkit_reply_extents(op: *mut nbdkit_op, extents: *cons
 /// # Safety
 /// `extents` must point to `n` readable `nbdkit_extent`s.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nbdkit_reply_read_extents(op: *mut nbdkit_op, extents: *const nbdkit_extent, n: usize) -> c_int {
+pub unsafe extern "C" fn nbdkit_reply_read_extents(
+    op: *mut nbdkit_op,
+    extents: *const nbdkit_extent,
+    n: usize,
+) -> c_int {
     guard("nbdkit_reply_read_extents", neg(libc::EIO), || {
         // SAFETY: forwarded from the caller.
         match unsafe { copy_extents(extents, n) } {

@@ -1,10 +1,10 @@
 //! Server set-up, the main loop and shutdown.
 
 use std::cell::RefCell;
-use std::ffi::{c_char, c_int, c_void, CStr};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ffi::{CStr, c_char, c_int, c_void};
 use std::net::ToSocketAddrs;
 use std::os::unix::fs::FileTypeExt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +14,8 @@ use parking_lot::ReentrantMutex;
 use super::plugin::nbdkit_plugin_lowlevel;
 use super::sync_plugin::nbdkit_plugin;
 use super::{guard, neg};
-use crate::event_loop::{request_global_shutdown, EventLoop, Listener, Shared};
 use crate::errno::{self, Describe};
+use crate::event_loop::{EventLoop, Listener, Shared, request_global_shutdown};
 use crate::plugin::Plugin;
 
 /// An NBD server: a plugin, its listening sockets and settings.
@@ -279,7 +279,8 @@ fn new_server(name: &str, plugin: Result<Plugin, &'static str>) -> *mut nbdkit_s
         Ok(l) => {
             let shared = l.shared.clone();
             let fd = l.fd();
-            Box::into_raw(Box::new(Server { phase: ReentrantMutex::new(RefCell::new(Phase::Setup(l))), shared, fd })).cast()
+            Box::into_raw(Box::new(Server { phase: ReentrantMutex::new(RefCell::new(Phase::Setup(l))), shared, fd }))
+                .cast()
         }
         Err(e) => {
             log::error!("{name}: cannot create the event loop: {}", Describe(&e));
@@ -477,7 +478,10 @@ pub unsafe extern "C" fn nbdkit_server_set_export_name(srv: *mut nbdkit_server, 
 /// # Safety
 /// `description` must be NULL or a NUL-terminated string.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nbdkit_server_set_export_description(srv: *mut nbdkit_server, description: *const c_char) -> c_int {
+pub unsafe extern "C" fn nbdkit_server_set_export_description(
+    srv: *mut nbdkit_server,
+    description: *const c_char,
+) -> c_int {
     with_setup(srv, "nbdkit_server_set_export_description", |l| {
         if description.is_null() {
             l.config.export_description = None;
@@ -566,7 +570,11 @@ pub extern "C" fn nbdkit_server_set_max_connections(srv: *mut nbdkit_server, max
 /// connections with `nbdkit_server_set_max_connections` to bound those).
 /// 0 keeps a default. Set-up thread only. Returns 0 or a negative errno.
 #[unsafe(no_mangle)]
-pub extern "C" fn nbdkit_server_set_memory_limits(srv: *mut nbdkit_server, per_connection: usize, total: usize) -> c_int {
+pub extern "C" fn nbdkit_server_set_memory_limits(
+    srv: *mut nbdkit_server,
+    per_connection: usize,
+    total: usize,
+) -> c_int {
     with_setup(srv, "nbdkit_server_set_memory_limits", |l| {
         if per_connection != 0 {
             l.config.max_connection_bytes = per_connection;
@@ -695,8 +703,8 @@ mod tests {
 
     use std::alloc::{GlobalAlloc, Layout, System};
     use std::io::{Read, Write};
-    use std::os::unix::net::UnixStream;
     use std::os::fd::IntoRawFd;
+    use std::os::unix::net::UnixStream;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 
     use super::*;

@@ -56,9 +56,13 @@ pub struct nbdkit_plugin {
 
     /// Reads `count` bytes at `offset` into `buf` (whose contents on entry
     /// are unspecified: fill all of it). Required.
-    pub pread: Option<unsafe extern "C" fn(handle: *mut c_void, buf: *mut c_void, count: u32, offset: u64, flags: u32) -> c_int>,
+    pub pread: Option<
+        unsafe extern "C" fn(handle: *mut c_void, buf: *mut c_void, count: u32, offset: u64, flags: u32) -> c_int,
+    >,
     /// Writes `count` bytes from `buf` at `offset`; `flags` may hold NBDKIT_FLAG_FUA.
-    pub pwrite: Option<unsafe extern "C" fn(handle: *mut c_void, buf: *const c_void, count: u32, offset: u64, flags: u32) -> c_int>,
+    pub pwrite: Option<
+        unsafe extern "C" fn(handle: *mut c_void, buf: *const c_void, count: u32, offset: u64, flags: u32) -> c_int,
+    >,
     /// Makes every completed write durable.
     pub flush: Option<unsafe extern "C" fn(handle: *mut c_void, flags: u32) -> c_int>,
     /// Discards a range; `flags` may hold NBDKIT_FLAG_FUA.

@@ -1,6 +1,6 @@
 //! TLS settings (NBD_OPT_STARTTLS) and the client certificate for `open`.
 
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{CStr, c_char, c_int};
 use std::path::Path;
 
 use super::server::{nbdkit_server, with_setup};

@@ -44,7 +44,13 @@ pub fn decode_extended_request(b: &[u8; EXTENDED_REQUEST_HEADER_LEN]) -> Result<
     if magic != EXTENDED_REQUEST_MAGIC {
         return Err(BadMagic(magic));
     }
-    let h = RequestHeader { flags: be_u16(&b[4..6]), cmd: be_u16(&b[6..8]), cookie: be_u64(&b[8..16]), offset: be_u64(&b[16..24]), length: 0 };
+    let h = RequestHeader {
+        flags: be_u16(&b[4..6]),
+        cmd: be_u16(&b[6..8]),
+        cookie: be_u64(&b[8..16]),
+        offset: be_u64(&b[16..24]),
+        length: 0,
+    };
     Ok((h, be_u64(&b[24..32])))
 }
 
@@ -89,11 +95,7 @@ impl ReplyHeader {
 
 /// Simple reply: magic, error, cookie. Followed by read data on success of a READ.
 pub fn simple_reply(cookie: u64, nbd_error: u32) -> ReplyHeader {
-    ReplyHeader::new(&[
-        &SIMPLE_REPLY_MAGIC.to_be_bytes(),
-        &nbd_error.to_be_bytes(),
-        &cookie.to_be_bytes(),
-    ])
+    ReplyHeader::new(&[&SIMPLE_REPLY_MAGIC.to_be_bytes(), &nbd_error.to_be_bytes(), &cookie.to_be_bytes()])
 }
 
 /// Whom a structured chunk answers, and in which framing: compact
@@ -207,7 +209,8 @@ mod tests {
 
     #[test]
     fn request_round_trip() {
-        let h = RequestHeader { flags: 1, cmd: CMD_WRITE, cookie: 0xdead_beef_0102_0304, offset: 1 << 40, length: 4096 };
+        let h =
+            RequestHeader { flags: 1, cmd: CMD_WRITE, cookie: 0xdead_beef_0102_0304, offset: 1 << 40, length: 4096 };
         assert_eq!(decode_request(&encode_request(&h)), Ok(h));
     }
 

@@ -6,9 +6,9 @@
 //! `cargo test` runs a short pass; `make fuzz` sets NBDKIT_ASYNC_FUZZ_ITERATIONS
 //! for a long one.
 
-use super::codec::{encode_request, RequestHeader};
+use super::codec::{RequestHeader, encode_request};
 use super::consts::*;
-use super::handshake::{ExportInfo, ExportResolver, Handshake, Outcome, Purpose, Refusal, TlsMode, MAX_OPTION_LEN};
+use super::handshake::{ExportInfo, ExportResolver, Handshake, MAX_OPTION_LEN, Outcome, Purpose, Refusal, TlsMode};
 use super::transmission::{Event, ExportCaps, FuaMode, RequestReader};
 
 /// xorshift64*: tiny, deterministic, good enough to shake a parser.
@@ -72,7 +72,13 @@ impl ExportResolver for AnyExport {
         if name.len() > 10 {
             return Err(REP_ERR_UNKNOWN.into());
         }
-        Ok(ExportInfo { name: name.into(), description: None, size: 1 << 20, flags: FLAG_HAS_FLAGS, block_size: (1, 4096, 1 << 25) })
+        Ok(ExportInfo {
+            name: name.into(),
+            description: None,
+            size: 1 << 20,
+            flags: FLAG_HAS_FLAGS,
+            block_size: (1, 4096, 1 << 25),
+        })
     }
     fn list(&mut self) -> Vec<(String, String)> {
         vec![("a".into(), "b".into())]
@@ -112,7 +118,10 @@ fn valid_handshake(rng: &mut Rng) -> Vec<u8> {
     for _ in 0..rng.below(4) {
         v.extend_from_slice(&choices[rng.below(choices.len())]);
     }
-    v.extend(option(if rng.below(2) == 0 { OPT_GO } else { OPT_EXPORT_NAME }, if rng.below(2) == 0 { &go } else { b"x" }));
+    v.extend(option(
+        if rng.below(2) == 0 { OPT_GO } else { OPT_EXPORT_NAME },
+        if rng.below(2) == 0 { &go } else { b"x" },
+    ));
     v
 }
 

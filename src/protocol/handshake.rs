@@ -98,10 +98,17 @@ pub enum Outcome {
 enum State {
     ClientFlags,
     OptionHeader,
-    OptionData { opt: u32, len: usize },
+    OptionData {
+        opt: u32,
+        len: usize,
+    },
     /// Skipping an option we will not buffer; `refusal` is sent once it is
     /// consumed (an ACK, then a close, for NBD_OPT_ABORT).
-    Discard { opt: u32, remaining: u64, refusal: u32 },
+    Discard {
+        opt: u32,
+        remaining: u64,
+        refusal: u32,
+    },
     Finished,
 }
 
@@ -168,12 +175,7 @@ impl Handshake {
     /// Consumes bytes from `input` until the handshake needs more, ends or
     /// fails. Returns how many bytes were used: after `Done`, the rest of
     /// `input` belongs to the transmission phase.
-    pub fn feed(
-        &mut self,
-        input: &[u8],
-        out: &mut Vec<u8>,
-        exports: &mut dyn ExportResolver,
-    ) -> (usize, Outcome) {
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>, exports: &mut dyn ExportResolver) -> (usize, Outcome) {
         let mut used = 0;
         loop {
             if let State::Discard { opt, remaining, refusal } = self.state {
@@ -287,7 +289,13 @@ impl Handshake {
         }
     }
 
-    fn option(&mut self, opt: u32, data: &[u8], out: &mut Vec<u8>, exports: &mut dyn ExportResolver) -> Option<Outcome> {
+    fn option(
+        &mut self,
+        opt: u32,
+        data: &[u8],
+        out: &mut Vec<u8>,
+        exports: &mut dyn ExportResolver,
+    ) -> Option<Outcome> {
         let reply_err = |out: &mut Vec<u8>, err: u32| {
             log::debug!("{}: {}", opt_name(opt), rep_name(err));
             option_reply(out, opt, err, &[]);
@@ -408,7 +416,9 @@ impl Handshake {
                     .into_iter()
                     .filter(|(_, ctx)| {
                         (queries.is_empty() && !set)
-                            || queries.iter().any(|q| q == ctx || (!set && ctx.split(':').next() == q.strip_suffix(':')))
+                            || queries
+                                .iter()
+                                .any(|q| q == ctx || (!set && ctx.split(':').next() == q.strip_suffix(':')))
                     })
                     .collect();
                 for (id, ctx) in &chosen {
@@ -862,12 +872,16 @@ mod tests {
             [
                 REP_ERR_INVALID, // SET before structured replies
                 REP_ACK,
-                REP_META_CONTEXT, REP_ACK, // LIST, no query: everything
-                REP_META_CONTEXT, REP_ACK, // LIST "base:"
+                REP_META_CONTEXT,
+                REP_ACK, // LIST, no query: everything
+                REP_META_CONTEXT,
+                REP_ACK, // LIST "base:"
                 REP_ACK, // LIST of something we do not have
-                REP_META_CONTEXT, REP_ACK, // SET: "base:" alone selects nothing
+                REP_META_CONTEXT,
+                REP_ACK,         // SET: "base:" alone selects nothing
                 REP_ERR_INVALID, // the lying query count; the earlier selection stays
-                REP_INFO, REP_INFO,
+                REP_INFO,
+                REP_INFO,
             ]
         );
         let meta = &replies(&out)[2].2;

@@ -1,9 +1,10 @@
 //! The transmission phase, client to server: framing and validation of
 //! requests, sans-IO. Replies are built with [`super::codec`].
 
-use super::codec::{decode_extended_request, decode_request, RequestHeader, EXTENDED_REQUEST_HEADER_LEN, REQUEST_HEADER_LEN};
+use super::codec::{
+    EXTENDED_REQUEST_HEADER_LEN, REQUEST_HEADER_LEN, RequestHeader, decode_extended_request, decode_request,
+};
 use super::consts::*;
-
 
 /// How the export handles FUA, as negotiated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +82,10 @@ pub struct Request {
 pub enum Event {
     Request(Request),
     /// Answer `cookie` with this NBD error; any payload was already consumed.
-    Reject { header: RequestHeader, error: u32 },
+    Reject {
+        header: RequestHeader,
+        error: u32,
+    },
     /// NBD_CMD_DISC: finish what is in flight, then close.
     Disconnect,
     /// Unrecoverable framing error: drop the connection.
@@ -89,12 +93,23 @@ pub enum Event {
 }
 
 enum State {
-    Header { buf: [u8; EXTENDED_REQUEST_HEADER_LEN], have: usize },
+    Header {
+        buf: [u8; EXTENDED_REQUEST_HEADER_LEN],
+        have: usize,
+    },
     /// `buf` is zeroed memory from calloc, so only the pages the client's
     /// bytes land on become resident: a client that stalls mid-payload
     /// holds what it sent, not what it claimed.
-    Payload { header: RequestHeader, buf: Vec<u8>, have: usize },
-    Discard { header: RequestHeader, error: u32, remaining: u64 },
+    Payload {
+        header: RequestHeader,
+        buf: Vec<u8>,
+        have: usize,
+    },
+    Discard {
+        header: RequestHeader,
+        error: u32,
+        remaining: u64,
+    },
 }
 
 /// Splits the client's byte stream into requests and checks each one.
@@ -114,7 +129,8 @@ impl RequestReader {
         loop {
             match &mut self.state {
                 State::Header { buf, have } => {
-                    let need = if self.caps.extended_headers { EXTENDED_REQUEST_HEADER_LEN } else { REQUEST_HEADER_LEN };
+                    let need =
+                        if self.caps.extended_headers { EXTENDED_REQUEST_HEADER_LEN } else { REQUEST_HEADER_LEN };
                     let take = (need - *have).min(input.len() - used);
                     buf[*have..*have + take].copy_from_slice(&input[used..used + take]);
                     *have += take;
@@ -198,9 +214,7 @@ impl RequestReader {
             return None;
         }
         let fresh = State::Header { buf: [0; EXTENDED_REQUEST_HEADER_LEN], have: 0 };
-        let State::Payload { header, buf, .. } = std::mem::replace(&mut self.state, fresh) else {
-            unreachable!()
-        };
+        let State::Payload { header, buf, .. } = std::mem::replace(&mut self.state, fresh) else { unreachable!() };
         Some(Event::Request(Request { header, payload: buf }))
     }
 
