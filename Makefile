@@ -41,7 +41,7 @@ endif
 PYTHON   := /usr/bin/python3
 DEMO_SOCK := $(BUILD)/demo.sock
 
-.PHONY: all lib install uninstall demo check check-deps check-header unit-test integration-test bench bench-rbd soak fuzz clean
+.PHONY: all lib install uninstall demo check check-deps check-header lint unit-test integration-test bench bench-rbd soak fuzz clean
 
 all: $(EXAMPLES)
 
@@ -50,6 +50,12 @@ lib: $(STATICLIB)
 # Cargo tracks its own dependencies; always ask it.
 $(STATICLIB): FORCE
 	$(CARGO) build --release --quiet
+
+# build.rs writes the header into cargo's (hashed) OUT_DIR; the newest one
+# is copied over the committed header only when it differs.
+GENERATED_HEADER = $(firstword $(shell ls -t $(LIBDIR)/build/nbdkit_async-*/out/nbdkit-async.h 2>/dev/null))
+$(HEADER): $(STATICLIB)
+	@cmp -s $(GENERATED_HEADER) $@ || cp $(GENERATED_HEADER) $@
 
 $(BUILD)/%: c-examples/%.c $(STATICLIB) $(HEADER) | $(BUILD)
 	$(CC) $(CFLAGS) -o $@ $< $(LIBS) $(LDLIBS_EXTRA)
@@ -93,15 +99,20 @@ demo: all
 # The dependencies first, in a make of their own: what they install (the
 # Ceph headers) decides which examples this Makefile builds.
 check: check-deps
-	$(MAKE) all check-header unit-test integration-test
+	$(MAKE) all check-header lint unit-test integration-test
 
 check-deps:
 	@tests/install-deps.sh
 
-# The committed header must be what build.rs generates from the sources.
-check-header: $(STATICLIB)
+# The committed header must be what build.rs generates from the sources;
+# the code must be formatted and free of clippy's warnings.
+check-header: $(HEADER)
 	@git diff --exit-code -- $(HEADER) || \
 	  { echo "$(HEADER) is stale: commit the regenerated header"; exit 1; }
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --quiet --all-targets -- -D warnings
 
 unit-test:
 	$(CARGO) test --quiet

@@ -1,5 +1,6 @@
-//! Generates include/nbdkit-async.h from the Rust doc comments. The header
-//! is committed; `make check` fails when it differs from what this writes.
+//! Generates the C header from the Rust doc comments into OUT_DIR; `make`
+//! copies it to include/nbdkit-async.h when it changed, and `make check`
+//! fails when the committed header differs from it.
 
 fn main() {
     // The shared library carries its ABI version, like any system library.
@@ -7,10 +8,11 @@ fn main() {
     println!("cargo:rerun-if-changed=src");
     println!("cargo:rerun-if-changed=cbindgen.toml");
     let crate_dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let out_dir = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR");
     let config = cbindgen::Config::from_file(format!("{crate_dir}/cbindgen.toml")).expect("cbindgen.toml");
     match cbindgen::generate_with_config(&crate_dir, config) {
         Ok(bindings) => {
-            bindings.write_to_file(format!("{crate_dir}/include/nbdkit-async.h"));
+            bindings.write_to_file(format!("{out_dir}/nbdkit-async.h"));
         }
         Err(e) => panic!("cbindgen: {e}"),
     }

@@ -15,6 +15,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token as MioToken};
 use slab::Slab;
 
+use crate::budget::{Budget, ConnId};
 use crate::buffers::BufferPool;
 use crate::completion::{self, Completion, Completions, OpTable, Token};
 use crate::config::Config;
@@ -24,7 +25,6 @@ use crate::deadlines::Deadlines;
 use crate::plugin::Plugin;
 use crate::protocol::handshake::TlsMode;
 use crate::stats::Stats;
-use crate::worker_pool::ThreadModel;
 
 const WAKER: MioToken = MioToken(0);
 const SHUTDOWN: MioToken = MioToken(1);
@@ -139,14 +139,14 @@ pub struct EventLoop {
     poll: Poll,
     events: Events,
     pub shared: Arc<Shared>,
-    pub plugin: Plugin,
+    pub plugin: Box<dyn Plugin>,
     pub config: Config,
     listeners: Vec<Listener>,
     state: LoopState,
 }
 
 impl EventLoop {
-    pub fn new(plugin: Plugin) -> io::Result<EventLoop> {
+    pub fn new(plugin: Box<dyn Plugin>) -> io::Result<EventLoop> {
         let poll = Poll::new()?;
         let waker = mio::Waker::new(poll.registry(), WAKER)?;
         let fd = shutdown_fd()?;
@@ -202,11 +202,12 @@ impl EventLoop {
         self.state.started = true;
         self.state.handshakes = self.config.handshake_timeout.map(Deadlines::new);
         self.state.requests = self.config.request_timeout.map(Deadlines::new);
+        self.state.budget = Budget::new(self.config.max_total_bytes);
         self.plugin.start_workers(self.config.threads)?;
         for stream in std::mem::take(&mut self.state.pending) {
             self.admit(stream, Instant::now());
         }
-        log::info!("{}: serving", self.plugin.name);
+        log::info!("{}: serving", self.plugin.name());
         Ok(())
     }
 
@@ -304,9 +305,11 @@ impl EventLoop {
         }
         self.apply_completions(now, &mut touched);
         self.expire(now, &mut touched);
-        if self.exempt_stall_deadline().is_some_and(|at| at <= now) {
-            // Its client stopped sending mid-WRITE: the next connection gets the turn.
-            self.state.exempt = None;
+        if let Some((conn, at)) = self.exempt_stall_deadline() {
+            if at <= now {
+                // Its client stopped sending mid-WRITE: the next connection gets the turn.
+                self.state.budget.release_exempt(conn);
+            }
         }
         // With no listener, the last client leaving ends the server (as
         // `nbdkit -s` does for its one client on stdin).
@@ -315,7 +318,7 @@ impl EventLoop {
             self.begin_shutdown(now);
             touched.extend(self.state.conns.iter().map(|(k, _)| k));
         }
-        if self.state.total_bytes < self.config.max_total_bytes {
+        if self.state.budget.has_room() {
             // Memory was freed: connections starved by the global budget may read again.
             touched.append(&mut self.state.starved);
         }
@@ -345,7 +348,7 @@ impl EventLoop {
         self.state.finished = true;
         self.shared.completions.close();
         self.release_idle();
-        log::info!("{}: stopped", self.plugin.name);
+        log::info!("{}: stopped", self.plugin.name());
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
@@ -357,7 +360,7 @@ impl EventLoop {
             s.handshakes.as_ref().and_then(|h| h.next()),
             s.requests.as_ref().and_then(|r| r.next()),
             s.accept_retry,
-            self.exempt_stall_deadline(),
+            self.exempt_stall_deadline().map(|(_, at)| at),
         ]
         .into_iter()
         .flatten()
@@ -371,10 +374,10 @@ impl EventLoop {
 
     /// When the connection let past the memory budget counts as stalled:
     /// only while it sits on a half-received WRITE with nothing dispatched.
-    fn exempt_stall_deadline(&self) -> Option<Instant> {
-        let (key, serial, since) = self.state.exempt?;
+    fn exempt_stall_deadline(&self) -> Option<(ConnId, Instant)> {
+        let ((key, serial), since) = self.state.budget.exempt()?;
         let c = self.state.conns.get(key).filter(|c| c.serial == serial)?;
-        (c.receiving() && c.dispatched_bytes() == 0).then_some(since + EXEMPT_STALL)
+        (c.receiving() && c.dispatched_bytes() == 0).then_some(((key, serial), since + EXEMPT_STALL))
     }
 
     /// Runs `f` on connection `key` with a context, keeping the global
@@ -383,30 +386,23 @@ impl EventLoop {
         let s = &mut self.state;
         let conn = s.conns.get_mut(key)?;
         let before = conn.held_total();
+        s.budget.enter(before);
         let mut ctx = Ctx {
-            plugin: &self.plugin,
+            plugin: &*self.plugin,
             config: &self.config,
             ops: &mut s.ops,
             stats: &self.shared.stats,
             buffers: &mut s.buffers,
             timeouts: s.requests.as_mut(),
             now,
-            others_bytes: s.total_bytes - before,
-            exempt: &mut s.exempt,
+            budget: &mut s.budget,
         };
         let r = crate::logging::in_connection(conn.serial, || f(conn, &mut ctx));
         for buf in conn.spent_buffers() {
             s.buffers.give(buf);
         }
-        let after = conn.held_total();
-        s.total_bytes = s.total_bytes - before + after;
-        if s.exempt.is_some_and(|(k, serial, _)| (k, serial) == (key, conn.serial))
-            && conn.dispatched_bytes() == 0
-            && !conn.receiving()
-        {
-            // Its one request beyond the budget was answered: the next may go.
-            s.exempt = None;
-        }
+        let idle = conn.dispatched_bytes() == 0 && !conn.receiving();
+        s.budget.leave((key, conn.serial), conn.held_total(), idle);
         Some(r)
     }
 
@@ -450,7 +446,7 @@ impl EventLoop {
             let serial = s.next_serial;
             s.next_serial += 1;
             // SERIALIZE_CONNECTIONS: later clients wait, ungreeted, for their turn.
-            let wait = self.plugin.thread_model() == Some(ThreadModel::SerializeConnections) && !s.conns.is_empty();
+            let wait = self.plugin.serializes_connections() && !s.conns.is_empty();
             let mut conn = crate::logging::in_connection(serial, || {
                 Connection::new(key, serial, stream, wait, self.config.tls_mode)
             });
@@ -463,7 +459,7 @@ impl EventLoop {
                 log::warn!("cannot register a new connection: {}", crate::errno::Describe(&e));
                 return;
             }
-            s.total_bytes += conn.held_total();
+            s.budget.add(conn.held_total());
             s.conns.insert(conn);
             self.shared.stats.connected();
             if wait {
@@ -541,15 +537,12 @@ impl EventLoop {
         }
         if finished {
             let mut conn = s.conns.remove(key);
-            s.total_bytes -= conn.held_total();
-            if s.exempt.is_some_and(|(k, serial, _)| (k, serial) == (key, conn.serial)) {
-                s.exempt = None;
-            }
+            s.budget.remove((key, conn.serial), conn.held_total());
             self.shared.stats.disconnected();
             if let Some(stream) = conn.stream_mut() {
                 let _ = self.poll.registry().deregister(stream);
             }
-            conn.close(&self.plugin);
+            conn.close(&*self.plugin);
             crate::logging::in_connection(conn.serial, || log::debug!("connection finished"));
             self.greet_next_waiting(now);
         }
@@ -561,7 +554,7 @@ impl EventLoop {
         while let Some((key, serial)) = s.waiting.pop_front() {
             let Some(c) = s.conns.get_mut(key).filter(|c| c.serial == serial) else { continue };
             c.greet();
-            s.total_bytes += c.held_total();
+            s.budget.add(c.held_total());
             if let Some(h) = s.handshakes.as_mut() {
                 h.arm(now, (key, serial));
             }
@@ -571,7 +564,7 @@ impl EventLoop {
     }
 
     fn begin_shutdown(&mut self, now: Instant) {
-        log::info!("{}: shutting down, {} ops in flight", self.plugin.name, self.state.ops.len());
+        log::info!("{}: shutting down, {} ops in flight", self.plugin.name(), self.state.ops.len());
         self.state.stopping_since = Some(now);
         for mut l in self.listeners.drain(..) {
             let _ = self.poll.registry().deregister(l.source());
@@ -594,7 +587,7 @@ impl EventLoop {
             if !self.state.grace_expired && now >= since + grace && self.unanswered() > 0 {
                 log::warn!(
                     "{}: {} ops unanswered after the grace period; answering ESHUTDOWN",
-                    self.plugin.name,
+                    self.plugin.name(),
                     self.unanswered()
                 );
                 self.state.grace_expired = true;
@@ -625,7 +618,7 @@ impl EventLoop {
         let s = &mut self.state;
         let idle: Vec<usize> = s.conns.iter().filter(|(_, c)| c.inflight == 0).map(|(k, _)| k).collect();
         for key in idle {
-            s.conns.remove(key).close(&self.plugin);
+            s.conns.remove(key).close(&*self.plugin);
         }
         for (_, c) in s.conns.iter_mut() {
             c.break_off("server stopped");
@@ -641,10 +634,10 @@ impl Drop for EventLoop {
         // Library-owned workers finish the callbacks they are in first.
         self.plugin.stop_workers();
         if self.state.ops.len() > 0 {
-            log::warn!("{}: freeing {} ops the plugin never answered", self.plugin.name, self.state.ops.len());
+            log::warn!("{}: freeing {} ops the plugin never answered", self.plugin.name(), self.state.ops.len());
         }
         for (_, c) in self.state.conns.iter_mut() {
-            c.close(&self.plugin);
+            c.close(&*self.plugin);
         }
     }
 }
@@ -660,10 +653,8 @@ struct LoopState {
     /// Connections paused by the global memory budget.
     starved: Vec<usize>,
     completed: Vec<Completion>,
-    /// Bytes held by all connections: the global memory budget's meter.
-    total_bytes: usize,
-    /// The connection reading past the budget, if any (see `Connection::paused`).
-    exempt: Option<(usize, u64, Instant)>,
+    /// Memory held by all connections, against the total cap.
+    budget: Budget,
     handshakes: Option<Deadlines<(usize, u64)>>,
     requests: Option<Deadlines<Token>>,
     accept_retry: Option<Instant>,

@@ -4,19 +4,19 @@
 //! and return at once, and the plugin answers each op later, from any
 //! thread, with `nbdkit_reply*`. See README.md and include/nbdkit-async.h.
 
-pub mod adopt;
-pub mod buffers;
-pub mod completion;
-pub mod config;
-pub mod conn;
-pub mod deadlines;
-pub mod errno;
-pub mod event_loop;
+pub(crate) mod adopt;
+pub(crate) mod budget;
+pub(crate) mod buffers;
+pub(crate) mod completion;
+pub(crate) mod config;
+pub(crate) mod conn;
+pub(crate) mod deadlines;
+pub(crate) mod errno;
+pub(crate) mod event_loop;
 pub mod ffi;
-pub mod loan;
-pub mod logging;
-pub mod plugin;
-pub mod protocol;
-pub mod stats;
-pub mod tls;
-pub mod worker_pool;
+pub(crate) mod loan;
+pub(crate) mod logging;
+pub(crate) mod plugin;
+pub(crate) mod protocol;
+pub(crate) mod stats;
+pub(crate) mod tls;

@@ -35,10 +35,6 @@ impl Loan {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     pub fn as_slice(&self) -> &[u8] {
         if self.len == 0 {
             return &[];

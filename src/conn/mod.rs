@@ -4,30 +4,31 @@
 //! server-wide [`OpTable`] and point back at it by slab key and serial, so
 //! a connection is torn down only once its last op is answered.
 
+mod export;
+mod ops;
 mod output;
-pub mod stream;
-pub mod transport;
+mod reply;
+pub(crate) mod stream;
+pub(crate) mod transport;
 
 use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::budget::Budget;
 use crate::buffers::BufferPool;
-use crate::completion::{OpTable, Outcome, Retire, Token};
+use crate::completion::{OpTable, Token};
 use crate::config::Config;
 use crate::deadlines::Deadlines;
 use crate::errno::{Describe, Errno};
-use crate::ffi::plugin::{
-    NBDKIT_EXTENT_ZERO, NBDKIT_FLAG_FAST_ZERO, NBDKIT_FLAG_FUA, NBDKIT_FLAG_MAY_TRIM, NBDKIT_FLAG_REQ_ONE,
-};
-use crate::plugin::{Handle, Io, Plugin, Started};
-use crate::protocol::codec::{self, ReplyHeader, RequestHeader};
+use crate::plugin::{Handle, Plugin};
+use crate::protocol::codec::RequestHeader;
 use crate::protocol::consts::*;
-use crate::protocol::handshake::{
-    ExportInfo, ExportResolver, Handshake, Outcome as HsOutcome, Purpose, Refusal, TlsMode,
-};
-use crate::protocol::transmission::{Event, ExportCaps, FuaMode, Request, RequestReader};
+use crate::protocol::handshake::{Handshake, Outcome as HsOutcome, TlsMode};
+use crate::protocol::transmission::{Event, ExportCaps, RequestReader};
 use crate::stats::Stats;
+use export::Resolver;
+pub(crate) use ops::Op;
 use output::Output;
 use stream::{Stream, interrupted, would_block};
 use transport::Transport;
@@ -44,62 +45,9 @@ const TURN_READ_BYTES: usize = 4 * 1024 * 1024;
 /// they are written: a client must read its replies to send more.
 const MAX_UNSENT: usize = 4 * 1024 * 1024;
 
-/// An NBD request handed to the plugin and not yet answered.
-pub struct Op {
-    pub conn: usize,
-    pub conn_serial: u64,
-    cookie: u64,
-    cmd: u16,
-    /// The client's NBD_CMD_FLAG_* (they shape which errors it may see).
-    flags: u16,
-    offset: u64,
-    count: u32,
-    /// Read buffer or write payload; owned here until the reply is sent.
-    buf: Vec<u8>,
-    /// A successful write must still be flushed before the reply (emulated FUA).
-    flush_after: bool,
-    /// The client was already answered (timeout or shutdown); the plugin's
-    /// reply, when it comes, only releases the op.
-    pub answered: bool,
-    /// The plugin was told, through its `cancel` callback.
-    cancelled: bool,
-    started: Instant,
-}
-
-/// What the log says of an op answered twice.
-#[derive(Debug, Clone, Copy)]
-pub struct OpSummary {
-    pub conn: u64,
-    pub cmd: u16,
-    pub offset: u64,
-}
-
-impl Retire for Op {
-    type Summary = OpSummary;
-    fn summary(&self) -> OpSummary {
-        OpSummary { conn: self.conn_serial, cmd: self.cmd, offset: self.offset }
-    }
-}
-
-impl std::fmt::Display for OpSummary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} at offset {} on conn {}", cmd_name(self.cmd), self.offset, self.conn)
-    }
-}
-
-impl Op {
-    fn held_bytes(&self) -> usize {
-        self.buf.len()
-    }
-
-    fn header(&self) -> RequestHeader {
-        RequestHeader { flags: self.flags, cmd: self.cmd, cookie: self.cookie, offset: self.offset, length: self.count }
-    }
-}
-
 /// State the loop lends to a connection while it works.
 pub struct Ctx<'a> {
-    pub plugin: &'a Plugin,
+    pub plugin: &'a dyn Plugin,
     pub config: &'a Config,
     pub ops: &'a mut OpTable<Op>,
     pub stats: &'a Stats,
@@ -107,12 +55,8 @@ pub struct Ctx<'a> {
     /// Per-request deadlines, when a request timeout is set.
     pub timeouts: Option<&'a mut Deadlines<Token>>,
     pub now: Instant,
-    /// Bytes the other connections hold, for the global budget.
-    pub others_bytes: usize,
-    /// The one connection allowed to read past the global budget, so that
-    /// clients pinning memory cannot starve the rest (see `paused`), and
-    /// since when.
-    pub exempt: &'a mut Option<(usize, u64, Instant)>,
+    /// The memory budget over all connections.
+    pub budget: &'a mut Budget,
 }
 
 impl Ctx<'_> {
@@ -284,7 +228,7 @@ impl Connection {
     }
 
     /// Releases the plugin handle. Called by the loop when `finished()`.
-    pub fn close(&mut self, plugin: &Plugin) {
+    pub fn close(&mut self, plugin: &dyn Plugin) {
         if let Some(h) = self.handle.take() {
             plugin.close(h);
         }
@@ -376,20 +320,7 @@ impl Connection {
         if ctx.ops.is_full() {
             return Some(Next::Starved);
         }
-        if ctx.others_bytes + held < ctx.config.max_total_bytes {
-            return None;
-        }
-        // Over the global budget. Clients that never read their replies
-        // could pin it for good, so one connection at a time that holds
-        // nothing may still read a request: the budget is overshot by at
-        // most one request, and nobody starves.
-        let me = (self.key, self.serial);
-        match *ctx.exempt {
-            None if held == 0 => *ctx.exempt = Some((me.0, me.1, ctx.now)),
-            Some((k, s, _)) if (k, s) == me && held == 0 => {}
-            _ => return Some(Next::Starved),
-        }
-        None
+        if ctx.budget.admits((self.key, self.serial), held, ctx.now) { None } else { Some(Next::Starved) }
     }
 
     /// True while a WRITE payload is coming in.
@@ -553,294 +484,17 @@ impl Connection {
         }
     }
 
-    fn dispatch(&mut self, req: Request, ctx: &mut Ctx) {
-        let h = req.header;
-        let caps = self.caps.expect("transmission implies caps");
-        let (io, mut flags) = match h.cmd {
-            CMD_READ => (Io::Read, 0),
-            CMD_WRITE => (Io::Write, 0),
-            CMD_FLUSH => (Io::Flush, 0),
-            CMD_TRIM => (Io::Trim, 0),
-            CMD_WRITE_ZEROES if h.flags & CMD_FLAG_NO_HOLE != 0 => (Io::Zero, 0),
-            CMD_WRITE_ZEROES => (Io::Zero, NBDKIT_FLAG_MAY_TRIM),
-            CMD_CACHE => (Io::Cache, 0),
-            CMD_BLOCK_STATUS => (Io::Extents, 0),
-            _ => unreachable!("validated"),
-        };
-        if h.flags & CMD_FLAG_REQ_ONE != 0 {
-            flags |= NBDKIT_FLAG_REQ_ONE;
-        }
-        if h.flags & CMD_FLAG_FAST_ZERO != 0 {
-            flags |= NBDKIT_FLAG_FAST_ZERO;
-        }
-        let fua = h.flags & CMD_FLAG_FUA != 0 && matches!(io, Io::Write | Io::Trim | Io::Zero);
-        if fua && caps.fua == FuaMode::Native {
-            flags |= NBDKIT_FLAG_FUA;
-        }
-        let buf = if io == Io::Read {
-            self.turn_read_bytes += h.length as usize;
-            ctx.buffers.take(h.length as usize)
-        } else {
-            req.payload
-        };
-        let op = Op {
-            conn: self.key,
-            conn_serial: self.serial,
-            cookie: h.cookie,
-            cmd: h.cmd,
-            flags: h.flags,
-            offset: h.offset,
-            count: h.length,
-            buf,
-            flush_after: fua && caps.fua == FuaMode::Emulate,
-            answered: false,
-            cancelled: false,
-            started: ctx.now,
-        };
-        ctx.stats.started(h.cmd, if io == Io::Write { h.length as usize } else { 0 });
-        let held = op.held_bytes();
-        let token = ctx.ops.insert(op).expect("paused() keeps the table from filling");
-        self.inflight += 1;
-        self.held_bytes += held;
-        let handle = self.handle.expect("transmission implies a handle");
-        let op = ctx.ops.get(token).expect("just inserted");
-        let started = ctx.plugin.start(io, token, self.serial, handle, &mut op.buf, h.length, h.offset, flags);
-        self.on_started(token, started, ctx);
-    }
-
-    /// Acts on what an I/O callback returned for `token`.
-    fn on_started(&mut self, token: Token, started: Started, ctx: &mut Ctx) {
-        match started {
-            Started::Taken => ctx.arm_timeout(token),
-            Started::Failed(errno) => {
-                let op = ctx.ops.remove(token).expect("live op");
-                self.finish(op, Outcome::Error(errno), ctx.stats);
-            }
-            Started::Misuse(status) => {
-                let why = format!("the callback returned {status}, which is neither 0 nor negative (plugin bug)");
-                log::error!("{why}; the op stays held until the plugin replies");
-                self.answer_early(token, libc::EIO, &why, ctx);
-            }
-        }
-    }
-
-    /// Answers a finished op: emulated FUA first, then the reply.
-    pub fn complete(&mut self, token: Token, outcome: Outcome, ctx: &mut Ctx) {
-        let op = ctx.ops.get(token).expect("caller looked it up");
-        if op.answered {
-            log::debug!(
-                "{} at offset {}: late reply after the client was answered; ignored",
-                cmd_name(op.cmd),
-                op.offset
-            );
-            let op = ctx.ops.remove(token).expect("live op");
-            self.release(&op, ctx.stats);
-            return;
-        }
-        if op.flush_after && outcome == Outcome::Done {
-            op.flush_after = false;
-            let new_token = ctx.ops.renew(token).expect("live op");
-            let handle = self.handle.expect("ops imply a handle");
-            log::trace!("emulating FUA with a flush");
-            let started = ctx.plugin.start(Io::Flush, new_token, self.serial, handle, &mut [], 0, 0, 0);
-            self.on_started(new_token, started, ctx);
-            return;
-        }
-        let op = ctx.ops.remove(token).expect("caller looked it up");
-        self.finish(op, outcome, ctx.stats);
-    }
-
-    /// Answers the client now with `errno` while the plugin still holds the
-    /// op (request timeout, shutdown grace, a callback's bad return value).
-    /// The op stays in the table, its buffer alive, until the plugin's own
-    /// reply releases it.
-    pub fn answer_early(&mut self, token: Token, errno: i32, why: &str, ctx: &mut Ctx) {
-        let Some(op) = ctx.ops.get(token) else { return };
-        if op.answered {
-            return;
-        }
-        op.answered = true;
-        self.answered_early += 1;
-        ctx.stats.replied(0, true, op.started.elapsed());
-        log::warn!("{} at offset {}: {why}; answering {}", cmd_name(op.cmd), op.offset, Errno(errno));
-        let header = op.header();
-        if self.stream.is_some() {
-            self.queue_error(&header, nbd_errno(errno, op.flags));
-        }
-    }
-
-    /// [`Self::answer_early`] for every op of this connection.
-    pub fn answer_all_early(&mut self, errno: i32, why: &str, ctx: &mut Ctx) {
-        let mine: Vec<Token> = ctx.ops.iter().filter(|(_, op)| op.conn == self.key).map(|(t, _)| t).collect();
-        for token in mine {
-            self.answer_early(token, errno, why, ctx);
-        }
-    }
-
-    /// The plugin took too long with `token`: its client is answered
-    /// ETIMEDOUT, and the plugin told through `cancel` so that it can
-    /// abort the work (it must still reply).
-    pub fn time_out(&mut self, token: Token, timeout: std::time::Duration, ctx: &mut Ctx) {
-        let why = format!("no reply from the plugin in time ({} ms request timeout)", timeout.as_millis());
-        self.answer_early(token, libc::ETIMEDOUT, &why, ctx);
-        self.cancel_op(token, ctx);
-    }
-
-    /// Calls the plugin's `cancel` for one op, at most once per op.
-    fn cancel_op(&mut self, token: Token, ctx: &mut Ctx) {
-        let Some(handle) = self.handle else { return };
-        let Some(op) = ctx.ops.get(token).filter(|op| !op.cancelled) else { return };
-        op.cancelled = true;
-        ctx.plugin.cancel(token, handle);
-    }
-
-    /// Tells the plugin, once, that this connection's ops are no longer
-    /// wanted (client gone or server stopping). They must still be replied.
-    pub fn cancel_ops(&mut self, ctx: &mut Ctx) {
-        if self.cancel_sent || self.inflight == 0 {
-            return;
-        }
-        self.cancel_sent = true;
-        let mine: Vec<Token> =
-            ctx.ops.iter().filter(|(_, op)| op.conn == self.key && !op.cancelled).map(|(t, _)| t).collect();
-        log::debug!("cancelling {} ops", mine.len());
-        for token in mine {
-            self.cancel_op(token, ctx);
-        }
-    }
-
-    /// Forgets an op: it no longer counts against this connection.
-    fn release(&mut self, op: &Op, stats: &Stats) {
-        stats.released();
-        self.inflight -= 1;
-        if op.answered {
-            self.answered_early -= 1;
-        }
-        self.held_bytes -= op.held_bytes();
-    }
-
-    fn finish(&mut self, mut op: Op, outcome: Outcome, stats: &Stats) {
-        self.release(&op, stats);
-        if self.stream.is_none() {
-            log::debug!("{} at offset {}: reply after the client left; dropped", cmd_name(op.cmd), op.offset);
-            return;
-        }
-        let header = op.header();
-        let started = op.started;
-        let misuse = |what: &str| {
-            log::error!("plugin misuse: {what} for {} of {} bytes; answering EIO", cmd_name(header.cmd), header.length);
-            Err(libc::EIO)
-        };
-        let result = match (op.cmd, outcome) {
-            (_, Outcome::Error(errno)) => Err(errno),
-            (CMD_READ, Outcome::Done) => Ok(self.send_read(op, &[])),
-            (CMD_READ, Outcome::Data(data)) if data.len() == op.count as usize => {
-                op.buf = data;
-                Ok(self.send_read(op, &[]))
-            }
-            (CMD_READ, Outcome::Lent(loan)) if loan.len() == op.count as usize => {
-                self.output.recycle(std::mem::take(&mut op.buf));
-                let h = self.whole_read_header(&op);
-                self.output.push_lent(h, loan);
-                Ok(())
-            }
-            (CMD_READ, Outcome::Data(_) | Outcome::Lent(_)) => misuse("read data of another length than the request's"),
-            (CMD_READ, Outcome::SparseRead(extents)) => match covers_exactly(&extents, op.count) {
-                true => Ok(self.send_read(op, &extents)),
-                false => misuse("nbdkit_reply_read_extents not covering the read"),
-            },
-            (CMD_BLOCK_STATUS, Outcome::Extents(extents)) => match clip_extents(&extents, &op) {
-                Some(descriptors) => Ok(self.send_block_status(&op, &descriptors)),
-                None => misuse("nbdkit_reply_extents without an extent at the offset"),
-            },
-            (CMD_READ | CMD_BLOCK_STATUS, _) => misuse("a reply without data"),
-            (_, Outcome::Done) => {
-                let h = match self.reply_to(&header) {
-                    Some(to) if to.extended => codec::done_chunk(&to),
-                    _ => codec::simple_reply(op.cookie, 0),
-                };
-                self.output.push_reply(h, Vec::new());
-                Ok(())
-            }
-            (_, _) => misuse("a data reply"),
-        };
-        let read_bytes = if header.cmd == CMD_READ { header.length as usize } else { 0 };
-        match result {
-            Ok(()) => stats.replied(read_bytes, false, started.elapsed()),
-            Err(errno) => {
-                log::debug!("{} at offset {} failed: {}", cmd_name(header.cmd), header.offset, Errno(errno));
-                self.queue_error(&header, nbd_errno(errno, header.flags));
-                stats.replied(0, true, started.elapsed());
-            }
-        }
-    }
-
-    /// Sends a successful READ. Ranges marked zero in `extents` go out as
-    /// holes when the client takes structured replies in several chunks;
-    /// otherwise they are zeroed in the buffer, which goes out whole.
-    fn send_read(&mut self, mut op: Op, extents: &[(u64, u32)]) {
-        let to = self.reply_to(&op.header());
-        let chunks = to.is_some() && op.flags & CMD_FLAG_DF == 0;
-        let runs = zero_runs(extents);
-        if !chunks || runs.iter().all(|r| !r.2) {
-            for &(start, len, zero) in &runs {
-                if zero {
-                    op.buf[start..start + len].fill(0);
-                }
-            }
-            let h = self.whole_read_header(&op);
-            self.output.push_payload(h, op.buf, op.count as usize);
-            return;
-        }
-        let to = to.expect("chunks imply structured replies");
-        let buf = std::rc::Rc::new(op.buf);
-        let last = runs.len() - 1;
-        for (i, &(start, len, zero)) in runs.iter().enumerate() {
-            let offset = op.offset + start as u64;
-            if zero {
-                self.output.push_reply(codec::hole_chunk(&to, i == last, offset, len as u32), Vec::new());
-            } else {
-                let h = codec::data_chunk(&to, i == last, offset, len as u32);
-                self.output.push_shared(h, buf.clone(), start..start + len);
-            }
-        }
-    }
-
-    /// The header of a READ reply that carries all its data at once.
-    fn whole_read_header(&self, op: &Op) -> ReplyHeader {
-        match self.reply_to(&op.header()) {
-            Some(to) => codec::data_chunk(&to, true, op.offset, op.count),
-            None => codec::simple_reply(op.cookie, 0),
-        }
-    }
-
-    fn send_block_status(&mut self, op: &Op, descriptors: &[(u32, u32)]) {
-        let to = self.reply_to(&op.header()).expect("block status implies structured replies");
-        let h = codec::block_status(&to, CONTEXT_BASE_ALLOCATION_ID, descriptors.len());
-        self.output.push_reply(h, codec::block_descriptors(descriptors, to.extended));
-    }
-
-    /// How to frame structured chunks for this request, or None when the
-    /// client takes only simple replies.
-    fn reply_to(&self, h: &RequestHeader) -> Option<codec::ReplyTo> {
-        let caps = self.caps.as_ref()?;
-        caps.structured_replies.then_some(codec::ReplyTo {
-            cookie: h.cookie,
-            offset: h.offset,
-            extended: caps.extended_headers,
+    /// The reply style the client negotiated.
+    fn style(&self) -> reply::Style {
+        self.caps.map_or(reply::Style { structured: false, extended: false }, |c| reply::Style {
+            structured: c.structured_replies,
+            extended: c.extended_headers,
         })
     }
 
     fn queue_error(&mut self, h: &RequestHeader, nbd_error: u32) {
-        // READ and BLOCK_STATUS must be answered with structured replies
-        // once negotiated; with extended headers, everything is.
-        let reply = match self.reply_to(h) {
-            Some(to) if to.extended || matches!(h.cmd, CMD_READ | CMD_BLOCK_STATUS) => {
-                codec::error_chunk(&to, nbd_error)
-            }
-            _ => codec::simple_reply(h.cookie, nbd_error),
-        };
-        self.output.push_reply(reply, Vec::new());
+        let style = self.style();
+        reply::error(&mut self.output, style, h, nbd_error);
     }
 
     /// Sends queued output (and ciphertext TLS still holds), then starts
@@ -871,156 +525,5 @@ impl Connection {
             }
             self.read_blocked = false;
         }
-    }
-}
-
-/// Most block-status descriptors sent in one reply; clients ask again
-/// for the rest.
-const MAX_DESCRIPTORS: usize = 65536;
-
-/// Do non-empty extents add up to exactly `count` bytes?
-fn covers_exactly(extents: &[(u64, u32)], count: u32) -> bool {
-    let mut total: u64 = 0;
-    for &(len, _) in extents {
-        total = match total.checked_add(len) {
-            Some(t) => t,
-            None => return false,
-        };
-    }
-    total == count as u64
-}
-
-/// A read's extents as (start in buffer, length, reads-as-zero) runs,
-/// adjacent runs of one kind merged.
-fn zero_runs(extents: &[(u64, u32)]) -> Vec<(usize, usize, bool)> {
-    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
-    let mut pos = 0usize;
-    for &(len, ty) in extents.iter().filter(|e| e.0 > 0) {
-        let zero = ty & NBDKIT_EXTENT_ZERO != 0;
-        match runs.last_mut() {
-            Some(last) if last.2 == zero => last.1 += len as usize,
-            _ => runs.push((pos, len as usize, zero)),
-        }
-        pos += len as usize;
-    }
-    runs
-}
-
-/// The plugin's extents as wire descriptors: empty ones skipped, the
-/// last cut at the end of the request, one only for REQ_ONE, at most
-/// MAX_DESCRIPTORS. `None` when nothing covers the request's offset.
-fn clip_extents(extents: &[(u64, u32)], op: &Op) -> Option<Vec<(u32, u32)>> {
-    let mut left = op.count as u64;
-    let mut out = Vec::new();
-    for &(len, ty) in extents.iter().filter(|e| e.0 > 0) {
-        let take = len.min(left);
-        out.push((take as u32, ty & (STATE_HOLE | STATE_ZERO)));
-        left -= take;
-        if left == 0 || op.flags & CMD_FLAG_REQ_ONE != 0 || out.len() == MAX_DESCRIPTORS {
-            break;
-        }
-    }
-    (!out.is_empty()).then_some(out)
-}
-
-/// Export selection for the handshake, backed by the plugin.
-struct Resolver<'a, 'b> {
-    ctx: &'a mut Ctx<'b>,
-    handle: &'a mut Option<Handle>,
-    caps: &'a mut Option<ExportCaps>,
-    /// The TLS client certificate, shown to the plugin's `open`.
-    peer_certificate: Option<&'a [u8]>,
-}
-
-impl ExportResolver for Resolver<'_, '_> {
-    fn resolve(&mut self, name: &str, purpose: Purpose) -> Result<ExportInfo, Refusal> {
-        let config = self.ctx.config;
-        let plugin = self.ctx.plugin;
-        let name = canonical_export(config, plugin, name).map_err(|code| {
-            log::info!("refused export {name:?}: no such export");
-            Refusal { code, message: format!("no export named {name:?}") }
-        })?;
-        let handle = crate::tls::with_peer_certificate(self.peer_certificate, || plugin.open(config.readonly, name))
-            .map_err(|errno| refusal(name, "open", errno))?;
-        let caps = match plugin.caps(handle, config.readonly, config.max_request) {
-            Ok(c) => c,
-            Err(e) => {
-                plugin.close(handle);
-                return Err(refusal(name, "asking its size and capabilities", e));
-            }
-        };
-        let info = ExportInfo {
-            name: name.to_string(),
-            description: plugin.export_description(handle).or_else(|| config.export_description.clone()),
-            size: caps.size,
-            flags: caps.transmission_flags(),
-            block_size: caps.block_size,
-        };
-        match purpose {
-            Purpose::Info => plugin.close(handle),
-            Purpose::Go => {
-                if let Some(old) = self.handle.replace(handle) {
-                    plugin.close(old);
-                }
-                *self.caps = Some(caps);
-            }
-        }
-        Ok(info)
-    }
-
-    fn list(&mut self) -> Vec<(String, String)> {
-        let c = self.ctx.config;
-        if !self.ctx.plugin.lists_exports() {
-            return vec![(c.export_name.clone(), c.export_description.clone().unwrap_or_default())];
-        }
-        self.ctx.plugin.list_exports().unwrap_or_else(|e| {
-            log::warn!("list_exports failed: {}", io::Error::from_raw_os_error(e));
-            Vec::new()
-        })
-    }
-
-    fn contexts(&mut self, name: &str) -> Result<Vec<(u32, &'static str)>, u32> {
-        canonical_export(self.ctx.config, self.ctx.plugin, name)?;
-        let mut v = Vec::new();
-        if self.ctx.plugin.has_extents() {
-            v.push((CONTEXT_BASE_ALLOCATION_ID, CONTEXT_BASE_ALLOCATION));
-        }
-        Ok(v)
-    }
-}
-
-/// How a client learns that the plugin refused export `name` in `what`
-/// with `errno`: the nearest NBD_REP_ERR_* code, the reason in words,
-/// and a warning in the log (an outage must not look like a typo).
-fn refusal(name: &str, what: &str, errno: i32) -> Refusal {
-    // NBD has no code for "the server failed": a backend that is down,
-    // out of memory or full gets PLATFORM, and the message says which.
-    let code = match errno {
-        libc::ENOENT => REP_ERR_UNKNOWN,
-        libc::EPERM | libc::EACCES | libc::EROFS => REP_ERR_POLICY,
-        libc::EINVAL => REP_ERR_INVALID,
-        libc::ESHUTDOWN => REP_ERR_SHUTDOWN,
-        _ => REP_ERR_PLATFORM,
-    };
-    let errno = if errno == 0 { libc::EIO } else { errno };
-    let message = format!("export {name:?}: {what} failed: {}", Errno(errno));
-    if code == REP_ERR_UNKNOWN {
-        log::info!("refused {message}");
-    } else {
-        log::warn!("refused {message}");
-    }
-    Refusal { code, message }
-}
-
-/// The export a client's name stands for: "" is the default export; other
-/// names must be the configured one, unless the plugin lists its own
-/// exports (then its `open` judges them).
-fn canonical_export<'n>(config: &'n Config, plugin: &Plugin, name: &'n str) -> Result<&'n str, u32> {
-    if name.is_empty() {
-        Ok(&config.export_name)
-    } else if name == config.export_name || plugin.lists_exports() {
-        Ok(name)
-    } else {
-        Err(REP_ERR_UNKNOWN)
     }
 }

@@ -5,6 +5,7 @@ use std::io::{self, IoSlice};
 use std::ops::Range;
 use std::rc::Rc;
 
+use super::reply::Frames;
 use super::stream::interrupted;
 use super::transport::Transport;
 use crate::loan::Loan;
@@ -54,11 +55,6 @@ pub struct Output {
 impl Output {
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
-    }
-
-    pub fn push_reply(&mut self, header: ReplyHeader, payload: Vec<u8>) {
-        let len = payload.len();
-        self.push_payload(header, payload, len);
     }
 
     /// A reply sending the first `len` bytes of `buf`.
@@ -145,5 +141,20 @@ impl Output {
                 self.recycle(buf);
             }
         }
+    }
+}
+
+impl Frames for Output {
+    fn payload(&mut self, header: ReplyHeader, buf: Vec<u8>, len: usize) {
+        self.push_payload(header, buf, len);
+    }
+    fn shared(&mut self, header: ReplyHeader, buf: Rc<Vec<u8>>, range: Range<usize>) {
+        self.push_shared(header, buf, range);
+    }
+    fn lent(&mut self, header: ReplyHeader, loan: Loan) {
+        self.push_lent(header, loan);
+    }
+    fn recycle(&mut self, buf: Vec<u8>) {
+        Output::recycle(self, buf);
     }
 }

@@ -44,10 +44,6 @@ impl Transport {
         Transport { sock, tls: None }
     }
 
-    pub fn peer(&self) -> String {
-        self.sock.peer()
-    }
-
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
     }
@@ -70,11 +66,6 @@ impl Transport {
     pub fn peer_certificate(&self) -> Option<Vec<u8>> {
         let tls = self.tls.as_ref()?;
         tls.peer_certificates().and_then(|c| c.first()).map(|c| c.as_ref().to_vec())
-    }
-
-    /// True while the TLS handshake is still running.
-    pub fn tls_handshaking(&self) -> bool {
-        self.tls.as_ref().is_some_and(|t| t.is_handshaking())
     }
 
     /// Reads plaintext. Ok(0) is end of stream; WouldBlock means wait.

@@ -3,6 +3,7 @@
 
 #![allow(non_camel_case_types)]
 
+pub(crate) mod callbacks;
 pub mod embed;
 pub mod logging;
 pub mod plugin;
@@ -12,6 +13,7 @@ pub mod stats;
 pub mod sync_plugin;
 pub mod tls;
 pub mod version;
+pub(crate) mod worker_pool;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 

@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use parking_lot::ReentrantMutex;
 
+use super::callbacks::CPlugin;
 use super::plugin::nbdkit_plugin_lowlevel;
 use super::sync_plugin::nbdkit_plugin;
 use super::{guard, neg};
 use crate::errno::{self, Describe};
 use crate::event_loop::{EventLoop, Listener, Shared, request_global_shutdown};
-use crate::plugin::Plugin;
 
 /// An NBD server: a plugin, its listening sockets and settings.
 ///
@@ -196,7 +196,7 @@ pub unsafe extern "C" fn nbdkit_server_new(
             return std::ptr::null_mut();
         };
         // SAFETY: the caller vouches for the callbacks.
-        new_server("nbdkit_server_new", unsafe { Plugin::new(raw, user_data) })
+        new_server("nbdkit_server_new", unsafe { CPlugin::new(raw, user_data) })
     })
 }
 
@@ -224,7 +224,7 @@ pub unsafe extern "C" fn nbdkit_server_new_sync(
             return std::ptr::null_mut();
         };
         // SAFETY: the caller vouches for the callbacks.
-        new_server("nbdkit_server_new_sync", unsafe { Plugin::new_sync(&raw, user_data) })
+        new_server("nbdkit_server_new_sync", unsafe { CPlugin::new_sync(&raw, user_data) })
     })
 }
 
@@ -266,7 +266,7 @@ fn guard_new(name: &str, body: impl FnOnce() -> *mut nbdkit_server) -> *mut nbdk
     p
 }
 
-fn new_server(name: &str, plugin: Result<Plugin, &'static str>) -> *mut nbdkit_server {
+fn new_server(name: &str, plugin: Result<CPlugin, &'static str>) -> *mut nbdkit_server {
     let plugin = match plugin {
         Ok(p) => p,
         Err(e) => {
@@ -275,7 +275,7 @@ fn new_server(name: &str, plugin: Result<Plugin, &'static str>) -> *mut nbdkit_s
             return std::ptr::null_mut();
         }
     };
-    match EventLoop::new(plugin) {
+    match EventLoop::new(Box::new(plugin)) {
         Ok(l) => {
             let shared = l.shared.clone();
             let fd = l.fd();

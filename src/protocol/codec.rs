@@ -54,6 +54,7 @@ pub fn decode_extended_request(b: &[u8; EXTENDED_REQUEST_HEADER_LEN]) -> Result<
     Ok((h, be_u64(&b[24..32])))
 }
 
+#[cfg(test)]
 pub fn encode_request(h: &RequestHeader) -> [u8; REQUEST_HEADER_LEN] {
     let mut b = [0u8; REQUEST_HEADER_LEN];
     b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());

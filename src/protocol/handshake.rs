@@ -162,6 +162,7 @@ impl Handshake {
     }
 
     /// Bytes held while waiting for the rest of a message.
+    #[cfg(test)]
     pub fn buffered(&self) -> usize {
         self.buf.capacity()
     }
@@ -580,7 +581,7 @@ mod tests {
 
     impl ExportResolver for OneExport {
         fn resolve(&mut self, name: &str, purpose: Purpose) -> Result<ExportInfo, Refusal> {
-            if name != "" && name != "disk" {
+            if !name.is_empty() && name != "disk" {
                 return Err(Refusal { code: REP_ERR_UNKNOWN, message: format!("no export {name:?}") });
             }
             self.opened.push((name.to_string(), purpose));
@@ -762,11 +763,9 @@ mod tests {
 
     #[test]
     fn bad_flags_magic_and_abort_close() {
-        for (flags, why) in [(1u32 << 5, "unknown client flags")] {
-            let (mut hs, mut ex) = start();
-            let (_, outcome) = hs.feed(&client_flags(flags), &mut Vec::new(), &mut ex);
-            assert!(matches!(outcome, Outcome::Close(w) if w.contains(why)), "{why}");
-        }
+        let (mut hs, mut ex) = start();
+        let (_, outcome) = hs.feed(&client_flags(1 << 5), &mut Vec::new(), &mut ex);
+        assert!(matches!(outcome, Outcome::Close(w) if w.contains("unknown client flags")));
         let (mut hs, mut ex) = start();
         let mut input = client_flags(CLIENT_FLAG_FIXED_NEWSTYLE);
         let mut opt = option(OPT_LIST, &[]);

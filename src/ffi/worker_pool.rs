@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex};
 
+use super::sync_plugin::{self, *};
 use crate::completion::{self, Outcome, Token};
-use crate::ffi::sync_plugin::{self, *};
 use crate::plugin::{Handle, Io};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
