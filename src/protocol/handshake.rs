@@ -2,8 +2,8 @@
 //!
 //! Bytes from the client go in through [`Handshake::feed`]; bytes for the
 //! client come out in a `Vec` the caller sends. Export look-ups go through
-//! [`ExportResolver`], so the machine can be driven by a unit test as easily
-//! as by a socket (and later by a TLS session).
+//! [`ExportResolver`], so the machine is driven the same way by a unit
+//! test, a socket or a TLS session (STARTTLS included).
 
 use super::codec::{be_u16, be_u32, be_u64, option_reply};
 use super::consts::*;
@@ -440,7 +440,8 @@ impl Handshake {
 
     fn add_df(&self, info: &mut ExportInfo) {
         if self.structured_replies {
-            // Our READ replies are always one chunk, so DF costs nothing.
+            // A read with holes is sent as one chunk when the client asks
+            // (zeroes filled in), so DF costs nothing but those bytes.
             info.flags |= FLAG_SEND_DF;
         }
     }
