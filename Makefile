@@ -3,7 +3,7 @@
 #   make          release library + every example into build/
 #   make demo     serve the async memdisk example on a Unix socket
 #   make check    install missing test tools (as root), then run every test
-#   make install  PREFIX=/usr/local DESTDIR=... (and make uninstall)
+#   make install  PREFIX=/usr/local DESTDIR=... (stripped; make install-debug, make uninstall)
 #   make bench    side-by-side benchmark against nbdkit and qemu-nbd
 #   make bench-rbd  rbd-gateway against librbd on a throw-away Ceph cluster
 #   make soak     long fio verify run against memdisk (SOAK_SECONDS)
@@ -19,6 +19,7 @@ HEADER   := include/nbdkit-async.h
 
 VERSION  := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 SOMAJOR  := 0
+SONAME_FILE := libnbdkit_async.so.$(VERSION)
 PREFIX   ?= /usr/local
 LIBDIR_INSTALL ?= $(PREFIX)/lib
 INCDIR_INSTALL ?= $(PREFIX)/include
@@ -41,7 +42,7 @@ endif
 PYTHON   := /usr/bin/python3
 DEMO_SOCK := $(BUILD)/demo.sock
 
-.PHONY: all lib install uninstall demo check check-deps check-header lint unit-test integration-test bench bench-rbd soak fuzz clean
+.PHONY: all lib install install-debug uninstall demo check check-deps check-header lint unit-test integration-test bench bench-rbd soak fuzz clean
 
 all: $(EXAMPLES)
 
@@ -71,30 +72,55 @@ $(BUILD)/rbd-gateway: LDLIBS_EXTRA := -lrbd -lrados
 $(BUILD):
 	mkdir -p $@
 
+# Directories under PREFIX are written relative to ${prefix}, so that
+# pkg-config --define-variable=prefix=... moves them all.
+pc_rel = $(patsubst $(PREFIX)%,$${prefix}%,$(1))
 # Rebuilt every time: it records PREFIX, which may differ from the last run.
 $(BUILD)/nbdkit-async.pc: nbdkit-async.pc.in FORCE | $(BUILD)
-	sed -e 's|@PREFIX@|$(PREFIX)|; s|@LIBDIR@|$(LIBDIR_INSTALL)|; s|@INCLUDEDIR@|$(INCDIR_INSTALL)|' \
+	sed -e 's|@PREFIX@|$(PREFIX)|; s|@LIBDIR@|$(call pc_rel,$(LIBDIR_INSTALL))|' \
+	    -e 's|@INCLUDEDIR@|$(call pc_rel,$(INCDIR_INSTALL))|' \
 	    -e 's|@VERSION@|$(VERSION)|; s|@PRIVATE_LIBS@|$(PRIVATE_LIBS)|' $< > $@
 
-install: lib $(BUILD)/nbdkit-async.pc
+# Where gdb looks for the debug info of $(LIBDIR_INSTALL)/$(SONAME_FILE).
+DEBUGDIR_INSTALL ?= $(PREFIX)/lib/debug$(LIBDIR_INSTALL)
+
+# Installed stripped, as distributions ship libraries; the debug info the
+# release build keeps goes to `make install-debug`.
+install: lib $(BUILD)/nbdkit-async.pc $(LIBDIR)/$(SONAME_FILE).debug
 	install -d $(DESTDIR)$(LIBDIR_INSTALL)/pkgconfig $(DESTDIR)$(INCDIR_INSTALL)
 	install -m 644 $(STATICLIB) $(DESTDIR)$(LIBDIR_INSTALL)/
-	install -m 755 $(LIBDIR)/libnbdkit_async.so $(DESTDIR)$(LIBDIR_INSTALL)/libnbdkit_async.so.$(VERSION)
-	ln -sf libnbdkit_async.so.$(VERSION) $(DESTDIR)$(LIBDIR_INSTALL)/libnbdkit_async.so.$(SOMAJOR)
+	strip --strip-debug $(DESTDIR)$(LIBDIR_INSTALL)/libnbdkit_async.a
+	install -m 755 $(LIBDIR)/libnbdkit_async.so $(DESTDIR)$(LIBDIR_INSTALL)/$(SONAME_FILE)
+	objcopy --strip-unneeded --add-gnu-debuglink=$(LIBDIR)/$(SONAME_FILE).debug \
+	    $(DESTDIR)$(LIBDIR_INSTALL)/$(SONAME_FILE)
+	ln -sf $(SONAME_FILE) $(DESTDIR)$(LIBDIR_INSTALL)/libnbdkit_async.so.$(SOMAJOR)
 	ln -sf libnbdkit_async.so.$(SOMAJOR) $(DESTDIR)$(LIBDIR_INSTALL)/libnbdkit_async.so
 	install -m 644 $(HEADER) $(wildcard include/*.hpp) $(DESTDIR)$(INCDIR_INSTALL)/
 	install -m 644 $(BUILD)/nbdkit-async.pc $(DESTDIR)$(LIBDIR_INSTALL)/pkgconfig/
+
+# The shared library's debug info, where gdb finds it by the debuglink
+# `make install` wrote.
+$(LIBDIR)/$(SONAME_FILE).debug: $(STATICLIB)
+	objcopy --only-keep-debug $(LIBDIR)/libnbdkit_async.so $@
+
+install-debug: $(LIBDIR)/$(SONAME_FILE).debug
+	install -d $(DESTDIR)$(DEBUGDIR_INSTALL)
+	install -m 644 $< $(DESTDIR)$(DEBUGDIR_INSTALL)/$(SONAME_FILE).debug
 
 uninstall:
 	rm -f $(DESTDIR)$(LIBDIR_INSTALL)/libnbdkit_async.a $(DESTDIR)$(LIBDIR_INSTALL)/libnbdkit_async.so*
 	rm -f $(DESTDIR)$(INCDIR_INSTALL)/nbdkit-async.h $(DESTDIR)$(INCDIR_INSTALL)/nbdkit-async.hpp
 	rm -f $(DESTDIR)$(LIBDIR_INSTALL)/pkgconfig/nbdkit-async.pc
+	rm -f $(DESTDIR)$(DEBUGDIR_INSTALL)/$(SONAME_FILE).debug
 
-demo: all
-	@echo "Serving a 1 GiB in-memory disk with 10 ms latency. In another terminal:"
-	@echo "  nbdinfo 'nbd+unix:///?socket=$(abspath $(DEMO_SOCK))'"
-	@echo "Press Ctrl-C to stop."
-	$(BUILD)/memdisk --unix $(DEMO_SOCK) --size 1G --latency-ms 10
+# The first command on a fresh machine: builds the library (cargo shows
+# its progress) and memdisk alone, which needs nothing but a C compiler.
+demo:
+	$(CARGO) build --release
+	@$(MAKE) --no-print-directory $(BUILD)/memdisk
+	@echo "Serving a 1 GiB in-memory disk with 10 ms of latency at the URI below;"
+	@echo "try: nbdinfo URI, or qemu-img info URI. Ctrl-C stops it."
+	@$(BUILD)/memdisk --unix $(abspath $(DEMO_SOCK)) --size 1G --latency-ms 10
 
 # The dependencies first, in a make of their own: what they install (the
 # Ceph headers) decides which examples this Makefile builds.
