@@ -141,6 +141,12 @@
 typedef struct nbdkit_exports nbdkit_exports;
 
 /**
+ * The extents a synchronous `extents` callback is building; add to it
+ * with `nbdkit_add_extent`. Valid only during that callback.
+ */
+typedef struct nbdkit_extents_builder nbdkit_extents_builder;
+
+/**
  * An NBD request in flight, handed to an I/O callback.
  *
  * It is an opaque token, not a pointer to memory: never dereference it.
@@ -458,6 +464,25 @@ typedef struct nbdkit_plugin {
    * initialisation) is the safest, SERIALIZE_CONNECTIONS.
    */
   int thread_model;
+  /**
+   * Reports allocation in `count` bytes at `offset` (NBD_CMD_BLOCK_STATUS,
+   * base:allocation) by calling `nbdkit_add_extent` for consecutive
+   * ranges from `offset` on; it may stop early (the client asks again)
+   * and may describe more than asked. `flags` may hold
+   * NBDKIT_FLAG_REQ_ONE (one extent is enough). Runs on a worker thread
+   * like the other I/O callbacks; returns 0, or -1 with an error as they
+   * do. If NULL, clients are not offered base:allocation.
+   */
+  int (*extents)(void *handle,
+                 uint32_t count,
+                 uint64_t offset,
+                 uint32_t flags,
+                 struct nbdkit_extents_builder *extents);
+  /**
+   * As in `nbdkit_plugin_lowlevel`: lists the exports (NBD_OPT_LIST)
+   * with `nbdkit_add_export`, on the event-loop thread.
+   */
+  int (*list_exports)(void *user_data, struct nbdkit_exports *exports);
 } nbdkit_plugin;
 
 /**
@@ -942,6 +967,25 @@ void nbdkit_shutdown(void);
  * `out` must point to `size` writable bytes.
  */
 int nbdkit_server_stats(struct nbdkit_server *srv, struct nbdkit_stats *out, size_t size);
+
+/**
+ * Adds the range `offset`..`offset + length` with allocation `type_`
+ * (NBDKIT_EXTENT_HOLE and/or NBDKIT_EXTENT_ZERO, or 0 for data) to the
+ * extents an `extents` callback is building. Ranges must follow each
+ * other without gaps; a range that starts before the next expected
+ * offset is trimmed to it (so a plugin may report from an aligned start).
+ * Call only from inside the `extents` callback, on its thread.
+ *
+ * Returns 0, or -EINVAL (NULL, a gap, or after more than a million
+ * extents: the client asks again for the rest).
+ *
+ * # Safety
+ * `extents` must be the pointer the `extents` callback received.
+ */
+int nbdkit_add_extent(struct nbdkit_extents_builder *extents,
+                      uint64_t offset,
+                      uint64_t length,
+                      uint32_t type_);
 
 /**
  * Sets the error a synchronous I/O callback reports when it returns -1

@@ -26,7 +26,7 @@ import nbd
 import pytest
 
 from support import close_politely as close
-from support import HarnessProcess, stop_all, tool_env
+from support import HarnessProcess, make_ca, make_leaf, stop_all, tool_env
 
 ROOT = Path(__file__).resolve().parent.parent
 FILEDISK = ROOT / "build" / "filedisk"
@@ -260,10 +260,11 @@ def test_readonly(filedisk, image, tmp_path):
 
 
 def test_tcp_listener(filedisk, image):
-    """--tcp HOST:0 prints the real port, after the Unix URI."""
+    """--tcp HOST:0 prints the real port, after the Unix URI; both name
+    the file's export."""
     srv = filedisk(image, "--tcp", "127.0.0.1:0")
-    assert srv.uris[0].startswith("nbd+unix:///?socket="), srv.uris
-    m = re.fullmatch(r"nbd://127\.0\.0\.1:(\d+)/", srv.uris[1])
+    assert srv.uris[0].startswith("nbd+unix:///%s?socket=" % image.name), srv.uris
+    m = re.fullmatch(r"nbd://127\.0\.0\.1:(\d+)/" + re.escape(image.name), srv.uris[1])
     assert m and int(m.group(1)) > 0, srv.uris
     h = nbd.NBD()
     h.connect_uri(srv.uris[1])
@@ -409,3 +410,72 @@ def test_fio_verify(filedisk, image, tmp_path):
     assert srv.connections() - before >= FIO_JOBS, srv.describe()
     iops = sum(j["read"]["iops"] + j["write"]["iops"] for j in jobs)
     print("fio: %d jobs, %.0f IOPS total (read+write, incl. verify reads)" % (FIO_JOBS, iops))
+
+
+# ---------------------------------------------------------------- parity with memdisk
+
+def test_socket_activation_and_fd(image):
+    """libnbd's systemd socket activation (it binds a socket and starts the
+    server with LISTEN_FDS) and a client on the server's stdin (--fd 0)."""
+    h = nbd.NBD()
+    h.connect_systemd_socket_activation([str(FILEDISK), str(image)])
+    h.pwrite(b"act!" * 1024, 2 * MiB)
+    assert h.pread(4096, 2 * MiB) == b"act!" * 1024
+    h.shutdown()
+    h = nbd.NBD()
+    h.connect_command([str(FILEDISK), str(image), "--fd", "0"])
+    assert h.pread(4096, 2 * MiB) == b"act!" * 1024
+    h.shutdown()
+
+
+def test_several_files_are_several_exports(filedisk, image, tmp_path):
+    """Each file is an export named after it; the first is the default."""
+    other = tmp_path / "other.img"
+    other.write_bytes(b"\x11" * MiB)
+    srv = filedisk(image, str(other))
+    listing = json.loads(subprocess.run(["nbdinfo", "--list", "--json", srv.uri], capture_output=True,
+                                        text=True, timeout=30, env=tool_env(), check=True).stdout)
+    assert sorted(e["export-name"] for e in listing["exports"]) == sorted([image.name, "other.img"])
+    h = nbd.NBD()
+    h.set_export_name("other.img")
+    h.connect_unix(srv.sock)
+    assert h.get_size() == MiB
+    h.pwrite(b"\x22" * 4096, 0)
+    close(h)
+    assert other.read_bytes()[:4096] == b"\x22" * 4096
+    d = nbd.NBD()
+    d.set_export_name("")
+    d.connect_unix(srv.sock)
+    assert d.get_size() == SIZE, "the default export is the first file"
+    close(d)
+
+
+def test_block_status_shows_the_files_holes(filedisk, image):
+    """Block status from SEEK_DATA/SEEK_HOLE: written ranges are data, the
+    rest of the sparse file holes, as nbdinfo --map shows."""
+    with open(image, "r+b") as f:
+        os.pwrite(f.fileno(), os.urandom(2 * MiB), 8 * MiB)
+    srv = filedisk(image)
+    out = subprocess.run(["nbdinfo", "--map", "--json", srv.uri], capture_output=True, text=True,
+                         timeout=30, env=tool_env(), check=True).stdout
+    extents = [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
+    assert extents == [(0, 8 * MiB, 3), (8 * MiB, 2 * MiB, 0), (10 * MiB, SIZE - 10 * MiB, 3)], extents
+
+
+def test_tls_flags(filedisk, image, tmp_path):
+    """--tls=require --tls-certificates DIR: TLS clients are served,
+    plaintext ones refused."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    make_ca(d, "ca", "filedisk test CA")
+    make_leaf(d, "server", "ca", "localhost", "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost\n")
+    srv = filedisk(image, "--tls=require", "--tls-certificates", str(d))
+    assert srv.uri.startswith("nbds+unix://"), srv.uri
+    h = nbd.NBD()
+    h.set_uri_allow_local_file(True)
+    h.connect_uri("nbds+unix:///%s?socket=%s&tls-certificates=%s" % (image.name, srv.sock, d))
+    assert h.get_size() == SIZE
+    close(h)
+    plain = nbd.NBD()
+    with pytest.raises(nbd.Error):
+        plain.connect_unix(srv.sock)

@@ -71,6 +71,7 @@ impl CPlugin {
             trim: sync.trim,
             zero: sync.zero,
             cache: sync.cache,
+            extents: sync.extents,
         };
         // SAFETY: all-zero is a valid struct of NULL pointers and None callbacks.
         let mut raw: nbdkit_plugin_lowlevel = unsafe { std::mem::zeroed() };
@@ -85,6 +86,7 @@ impl CPlugin {
         raw.can_fua = sync.can_fua;
         raw.can_multi_conn = sync.can_multi_conn;
         raw.can_cache = sync.can_cache;
+        raw.list_exports = sync.list_exports;
         // SAFETY: forwarded from the caller.
         let mut p = unsafe { CPlugin::new_common(raw, user_data) };
         p.pool = Some(WorkerPool::new(io, model));

@@ -65,6 +65,7 @@ pub struct SyncIo {
     pub trim: Option<unsafe extern "C" fn(*mut c_void, u32, u64, u32) -> i32>,
     pub zero: Option<unsafe extern "C" fn(*mut c_void, u32, u64, u32) -> i32>,
     pub cache: Option<unsafe extern "C" fn(*mut c_void, u32, u64, u32) -> i32>,
+    pub extents: Option<unsafe extern "C" fn(*mut c_void, u32, u64, u32, *mut nbdkit_extents_builder) -> i32>,
 }
 
 impl SyncIo {
@@ -76,8 +77,7 @@ impl SyncIo {
             Io::Trim => self.trim.is_some(),
             Io::Zero => self.zero.is_some(),
             Io::Cache => self.cache.is_some(),
-            // Synchronous plugins do not report allocation (yet).
-            Io::Extents => false,
+            Io::Extents => self.extents.is_some(),
         }
     }
 
@@ -87,8 +87,11 @@ impl SyncIo {
         sync_plugin::take_error();
         // SAFETY: __errno_location always returns this thread's errno.
         unsafe { *libc::__errno_location() = 0 };
+        let mut extents = ExtentsBuilder { next: j.offset, items: Vec::new() };
+        let builder = (&mut extents as *mut ExtentsBuilder).cast::<nbdkit_extents_builder>();
         // SAFETY: plugin contract; callbacks exist (validation only lets
-        // through commands the plugin offers); `buf` is live, see `Job`.
+        // through commands the plugin offers); `buf` is live, see `Job`;
+        // `builder` outlives the call.
         let r = unsafe {
             match j.io {
                 Io::Read => self.pread.unwrap()(h, j.buf.cast(), j.count, j.offset, j.flags),
@@ -97,11 +100,11 @@ impl SyncIo {
                 Io::Trim => self.trim.unwrap()(h, j.count, j.offset, j.flags),
                 Io::Zero => self.zero.unwrap()(h, j.count, j.offset, j.flags),
                 Io::Cache => self.cache.unwrap()(h, j.count, j.offset, j.flags),
-                Io::Extents => unreachable!("never offered by a synchronous plugin"),
+                Io::Extents => self.extents.unwrap()(h, j.count, j.offset, j.flags, builder),
             }
         };
         if r == 0 {
-            return Outcome::Done;
+            return if j.io == Io::Extents { Outcome::Extents(extents.items) } else { Outcome::Done };
         }
         let errno = match sync_plugin::take_error() {
             0 => std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
