@@ -23,6 +23,7 @@ SONAME_FILE := libnbdkit_async.so.$(VERSION)
 PREFIX   ?= /usr/local
 LIBDIR_INSTALL ?= $(PREFIX)/lib
 INCDIR_INSTALL ?= $(PREFIX)/include
+MANDIR_INSTALL ?= $(PREFIX)/share/man
 # What the Rust standard library needs when linked statically.
 PRIVATE_LIBS := -lutil -lrt -lpthread -lm -ldl
 
@@ -41,10 +42,12 @@ EXAMPLES := $(filter-out $(BUILD)/rbd-gateway,$(EXAMPLES))
 endif
 PYTHON   := /usr/bin/python3
 DEMO_SOCK := $(BUILD)/demo.sock
+# The manual pages, made from the header's doc comments (one rule writes them all).
+MANPAGE  := $(BUILD)/man/nbdkit-async.3
 
 .PHONY: all lib install install-debug uninstall demo check check-deps check-header lint unit-test integration-test bench bench-rbd soak fuzz clean
 
-all: $(EXAMPLES)
+all: $(EXAMPLES) $(MANPAGE)
 
 lib: $(STATICLIB)
 
@@ -72,6 +75,10 @@ $(BUILD)/rbd-gateway: LDLIBS_EXTRA := -lrbd -lrados
 $(BUILD):
 	mkdir -p $@
 
+$(MANPAGE): $(HEADER) man/mkman.py man/nbdkit-async.3.in | $(BUILD)
+	rm -rf $(BUILD)/man
+	$(PYTHON) man/mkman.py --header $(HEADER) $(BUILD)/man
+
 # Directories under PREFIX are written relative to ${prefix}, so that
 # pkg-config --define-variable=prefix=... moves them all.
 pc_rel = $(patsubst $(PREFIX)%,$${prefix}%,$(1))
@@ -86,7 +93,7 @@ DEBUGDIR_INSTALL ?= $(PREFIX)/lib/debug$(LIBDIR_INSTALL)
 
 # Installed stripped, as distributions ship libraries; the debug info the
 # release build keeps goes to `make install-debug`.
-install: lib $(BUILD)/nbdkit-async.pc $(LIBDIR)/$(SONAME_FILE).debug
+install: lib $(BUILD)/nbdkit-async.pc $(LIBDIR)/$(SONAME_FILE).debug $(MANPAGE)
 	install -d $(DESTDIR)$(LIBDIR_INSTALL)/pkgconfig $(DESTDIR)$(INCDIR_INSTALL)
 	install -m 644 $(STATICLIB) $(DESTDIR)$(LIBDIR_INSTALL)/
 	strip --strip-debug $(DESTDIR)$(LIBDIR_INSTALL)/libnbdkit_async.a
@@ -97,6 +104,8 @@ install: lib $(BUILD)/nbdkit-async.pc $(LIBDIR)/$(SONAME_FILE).debug
 	ln -sf libnbdkit_async.so.$(SOMAJOR) $(DESTDIR)$(LIBDIR_INSTALL)/libnbdkit_async.so
 	install -m 644 $(HEADER) $(wildcard include/*.hpp) $(DESTDIR)$(INCDIR_INSTALL)/
 	install -m 644 $(BUILD)/nbdkit-async.pc $(DESTDIR)$(LIBDIR_INSTALL)/pkgconfig/
+	install -d $(DESTDIR)$(MANDIR_INSTALL)/man3
+	install -m 644 $(BUILD)/man/*.3 $(DESTDIR)$(MANDIR_INSTALL)/man3/
 
 # The shared library's debug info, where gdb finds it by the debuglink
 # `make install` wrote.
@@ -112,6 +121,8 @@ uninstall:
 	rm -f $(DESTDIR)$(INCDIR_INSTALL)/nbdkit-async.h $(DESTDIR)$(INCDIR_INSTALL)/nbdkit-async.hpp
 	rm -f $(DESTDIR)$(LIBDIR_INSTALL)/pkgconfig/nbdkit-async.pc
 	rm -f $(DESTDIR)$(DEBUGDIR_INSTALL)/$(SONAME_FILE).debug
+	files=$$($(PYTHON) man/mkman.py --header $(HEADER) --list) && \
+	  for f in $$files; do rm -f "$(DESTDIR)$(MANDIR_INSTALL)/man3/$$f"; done
 
 # The first command on a fresh machine: builds the library (cargo shows
 # its progress) and memdisk alone, which needs nothing but a C compiler.

@@ -23,19 +23,31 @@
 #include <stdint.h>
 
 /**
- * Log levels passed to the log callback (and accepted as the maximum).
+ * Log level: failures and plugin misuse (the callback's `level`, and a
+ * maximum to pass to `nbdkit_set_log_callback`).
  */
 #define NBDKIT_LOG_ERROR 1
 
+/**
+ * Log level: what an operator should look at (refused exports, request
+ * timeouts, second replies). The default maximum.
+ */
 #define NBDKIT_LOG_WARN 2
 
+/**
+ * Log level: the server starting and stopping.
+ */
 #define NBDKIT_LOG_INFO 3
 
 /**
- * Names each option and command as it is handled (NBD_OPT_GO, NBD_CMD_READ).
+ * Log level: each connection, option and command as it is handled
+ * (NBD_OPT_GO, NBD_CMD_READ).
  */
 #define NBDKIT_LOG_DEBUG 4
 
+/**
+ * Log level: everything, down to single steps of a request.
+ */
 #define NBDKIT_LOG_TRACE 5
 
 /**
@@ -640,7 +652,8 @@ int nbdkit_reply(struct nbdkit_op *op);
  * Plugins that filled the buffer given to `pread` call `nbdkit_reply`
  * instead and save the copy.
  *
- * Thread-safe, exactly once per op, like `nbdkit_reply`.
+ * Thread-safe, exactly once per op, like `nbdkit_reply`. Returns 0, or a
+ * negative errno as `nbdkit_reply` does.
  *
  * # Safety
  * `data` must point to `count` readable bytes.
@@ -665,7 +678,8 @@ int nbdkit_reply_read(struct nbdkit_op *op, const void *data, uint32_t count);
  * (normally the event loop's), must not block, and may be NULL when there
  * is nothing to give back. The buffer given to `pread` is then left unused.
  *
- * Thread-safe, exactly once per op, like `nbdkit_reply`.
+ * Thread-safe, exactly once per op, like `nbdkit_reply`. Returns 0, or a
+ * negative errno as `nbdkit_reply` does.
  *
  * # Safety
  * `data` must point to `count` readable bytes until `release` is called.
@@ -680,7 +694,8 @@ int nbdkit_reply_read_nocopy(struct nbdkit_op *op,
  * Answers an op with an error. `errnum` is a host errno (EIO, ENOSPC,
  * EROFS, ...); the client sees the nearest NBD error. 0 is taken as EIO.
  *
- * Thread-safe, exactly once per op, like `nbdkit_reply`.
+ * Thread-safe, exactly once per op, like `nbdkit_reply`. Returns 0, or a
+ * negative errno as `nbdkit_reply` does.
  */
 int nbdkit_reply_error(struct nbdkit_op *op, int errnum);
 
@@ -692,7 +707,8 @@ int nbdkit_reply_error(struct nbdkit_op *op, int errnum);
  * offset answers EIO. At most 65536 are sent; the client asks again for
  * the rest.
  *
- * Thread-safe, exactly once per op, like `nbdkit_reply`.
+ * Thread-safe, exactly once per op, like `nbdkit_reply`. Returns 0, or a
+ * negative errno as `nbdkit_reply` does.
  *
  * # Safety
  * `extents` must point to `n` readable `nbdkit_extent`s.
@@ -707,7 +723,8 @@ int nbdkit_reply_extents(struct nbdkit_op *op, const struct nbdkit_extent *exten
  * the buffer and sends it whole. The extents must cover exactly the
  * read's count. They are copied before the call returns.
  *
- * Thread-safe, exactly once per op, like `nbdkit_reply`.
+ * Thread-safe, exactly once per op, like `nbdkit_reply`. Returns 0, or a
+ * negative errno as `nbdkit_reply` does.
  *
  * # Safety
  * `extents` must point to `n` readable `nbdkit_extent`s.
@@ -744,9 +761,11 @@ struct nbdkit_server *nbdkit_server_new(const struct nbdkit_plugin_lowlevel *plu
  * `thread_model` allows.
  *
  * `plugin_size` is `sizeof(struct nbdkit_plugin)` as the plugin was
- * compiled. Returns NULL on error, logged and with `errno` set as for
- * `nbdkit_server_new` (EINVAL also for an unknown thread model). Free
- * with `nbdkit_server_free`.
+ * compiled. Callable from any thread; that thread then owns the
+ * server's set-up. Free with `nbdkit_server_free`.
+ *
+ * Returns NULL on error, logged and with `errno` set as for
+ * `nbdkit_server_new` (EINVAL also for an unknown thread model).
  *
  * # Safety
  * As for `nbdkit_server_new`.
@@ -794,7 +813,8 @@ int nbdkit_server_listen_tcp(struct nbdkit_server *srv, const char *host, uint16
  * Listens on the sockets systemd passed when socket-activating this
  * process (LISTEN_PID / LISTEN_FDS, from fd 3), Unix or TCP. The sockets
  * are taken once per process: the call clears LISTEN_PID, LISTEN_FDS
- * and LISTEN_FDNAMES as `sd_listen_fds(1)` does, and later calls (for
+ * and LISTEN_FDNAMES, as sd_listen_fds(3) does when asked to unset the
+ * environment, and later calls (for
  * this or another server) take none. Set-up thread only, before
  * `nbdkit_main_loop`.
  *
@@ -855,7 +875,7 @@ int nbdkit_server_set_max_inflight(struct nbdkit_server *srv, uint32_t max_ops);
  * `block_size` maximum above it is lowered to it. Larger requests are
  * refused with EINVAL (a client sending a larger payload with extended
  * headers is disconnected). Set-up thread only. Returns 0, or -EINVAL
- * outside that range.
+ * for a size outside 512 bytes to 1 GiB.
  */
 int nbdkit_server_set_max_request_size(struct nbdkit_server *srv, uint32_t bytes);
 
@@ -1044,10 +1064,12 @@ int nbdkit_server_set_tls_verify_peer(struct nbdkit_server *srv, int verify);
 
 /**
  * The verified certificate (DER) the TLS client presented, for access
- * control. Only meaningful inside the plugin's `open` callback: it
- * returns NULL elsewhere, and when the client did not use TLS or sent no
- * certificate. `len` (if not NULL) receives its size. The bytes are valid
- * until `open` returns.
+ * control. Only meaningful inside the plugin's `open` callback, on its
+ * thread. `len` (if not NULL) receives its size.
+ *
+ * Returns the certificate's bytes, valid until `open` returns; NULL
+ * outside `open`, and when the client did not use TLS or sent no
+ * certificate.
  *
  * # Safety
  * `len` must be NULL or point to a writable size_t.
@@ -1055,10 +1077,11 @@ int nbdkit_server_set_tls_verify_peer(struct nbdkit_server *srv, int verify);
 const uint8_t *nbdkit_tls_peer_certificate(size_t *len);
 
 /**
- * The version of the library the program runs against, as
- * "MAJOR.MINOR.MICRO" (the same numbers as the header's
- * NBDKIT_ASYNC_VERSION_* when they match). A static string: never free
- * it. Thread-safe; callable at any time.
+ * The version of the library the program runs against (the same
+ * numbers as the header's NBDKIT_ASYNC_VERSION_* when they match).
+ * Thread-safe; callable at any time.
+ *
+ * Returns a static "MAJOR.MINOR.MICRO" string: never free it.
  */
 const char *nbdkit_async_version(void);
 

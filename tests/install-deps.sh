@@ -14,6 +14,9 @@ have g++       || need="$need g++"
 /usr/bin/python3 -c 'import pytest' 2>/dev/null || need="$need python3-pytest"
 [ -e /usr/include/boost/asio.hpp ] || need="$need libboost-dev"
 [ -e /usr/include/openssl/ssl.h ] || need="$need libssl-dev"
+# The manual pages are checked by rendering them.
+have man       || need="$need man-db"
+have groff     || need="$need groff-base"
 # A throw-away Ceph cluster (tests/ceph.py) and librbd to build against
 # (no pkg-config file: link with -lrbd -lrados).
 have ceph-mon  || need="$need ceph-mon"

@@ -4,12 +4,18 @@ use std::ffi::{CStr, c_char, c_int, c_void};
 
 use super::{guard, neg};
 
-/// Log levels passed to the log callback (and accepted as the maximum).
+/// Log level: failures and plugin misuse (the callback's `level`, and a
+/// maximum to pass to `nbdkit_set_log_callback`).
 pub const NBDKIT_LOG_ERROR: c_int = 1;
+/// Log level: what an operator should look at (refused exports, request
+/// timeouts, second replies). The default maximum.
 pub const NBDKIT_LOG_WARN: c_int = 2;
+/// Log level: the server starting and stopping.
 pub const NBDKIT_LOG_INFO: c_int = 3;
-/// Names each option and command as it is handled (NBD_OPT_GO, NBD_CMD_READ).
+/// Log level: each connection, option and command as it is handled
+/// (NBD_OPT_GO, NBD_CMD_READ).
 pub const NBDKIT_LOG_DEBUG: c_int = 4;
+/// Log level: everything, down to single steps of a request.
 pub const NBDKIT_LOG_TRACE: c_int = 5;
 
 /// Sends the library's log messages to `callback` instead of stderr, for

@@ -48,7 +48,8 @@ pub extern "C" fn nbdkit_reply(op: *mut nbdkit_op) -> c_int {
 /// Plugins that filled the buffer given to `pread` call `nbdkit_reply`
 /// instead and save the copy.
 ///
-/// Thread-safe, exactly once per op, like `nbdkit_reply`.
+/// Thread-safe, exactly once per op, like `nbdkit_reply`. Returns 0, or a
+/// negative errno as `nbdkit_reply` does.
 ///
 /// # Safety
 /// `data` must point to `count` readable bytes.
@@ -86,7 +87,8 @@ pub unsafe extern "C" fn nbdkit_reply_read(op: *mut nbdkit_op, data: *const c_vo
 /// (normally the event loop's), must not block, and may be NULL when there
 /// is nothing to give back. The buffer given to `pread` is then left unused.
 ///
-/// Thread-safe, exactly once per op, like `nbdkit_reply`.
+/// Thread-safe, exactly once per op, like `nbdkit_reply`. Returns 0, or a
+/// negative errno as `nbdkit_reply` does.
 ///
 /// # Safety
 /// `data` must point to `count` readable bytes until `release` is called.
@@ -113,7 +115,8 @@ pub unsafe extern "C" fn nbdkit_reply_read_nocopy(
 /// Answers an op with an error. `errnum` is a host errno (EIO, ENOSPC,
 /// EROFS, ...); the client sees the nearest NBD error. 0 is taken as EIO.
 ///
-/// Thread-safe, exactly once per op, like `nbdkit_reply`.
+/// Thread-safe, exactly once per op, like `nbdkit_reply`. Returns 0, or a
+/// negative errno as `nbdkit_reply` does.
 #[unsafe(no_mangle)]
 pub extern "C" fn nbdkit_reply_error(op: *mut nbdkit_op, errnum: c_int) -> c_int {
     guard("nbdkit_reply_error", neg(libc::EIO), || {
@@ -129,7 +132,8 @@ pub extern "C" fn nbdkit_reply_error(op: *mut nbdkit_op, errnum: c_int) -> c_int
 /// offset answers EIO. At most 65536 are sent; the client asks again for
 /// the rest.
 ///
-/// Thread-safe, exactly once per op, like `nbdkit_reply`.
+/// Thread-safe, exactly once per op, like `nbdkit_reply`. Returns 0, or a
+/// negative errno as `nbdkit_reply` does.
 ///
 /// # Safety
 /// `extents` must point to `n` readable `nbdkit_extent`s.
@@ -151,7 +155,8 @@ pub unsafe extern "C" fn nbdkit_reply_extents(op: *mut nbdkit_op, extents: *cons
 /// the buffer and sends it whole. The extents must cover exactly the
 /// read's count. They are copied before the call returns.
 ///
-/// Thread-safe, exactly once per op, like `nbdkit_reply`.
+/// Thread-safe, exactly once per op, like `nbdkit_reply`. Returns 0, or a
+/// negative errno as `nbdkit_reply` does.
 ///
 /// # Safety
 /// `extents` must point to `n` readable `nbdkit_extent`s.

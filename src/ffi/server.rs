@@ -206,9 +206,11 @@ pub unsafe extern "C" fn nbdkit_server_new(
 /// `thread_model` allows.
 ///
 /// `plugin_size` is `sizeof(struct nbdkit_plugin)` as the plugin was
-/// compiled. Returns NULL on error, logged and with `errno` set as for
-/// `nbdkit_server_new` (EINVAL also for an unknown thread model). Free
-/// with `nbdkit_server_free`.
+/// compiled. Callable from any thread; that thread then owns the
+/// server's set-up. Free with `nbdkit_server_free`.
+///
+/// Returns NULL on error, logged and with `errno` set as for
+/// `nbdkit_server_new` (EINVAL also for an unknown thread model).
 ///
 /// # Safety
 /// As for `nbdkit_server_new`.
@@ -397,7 +399,8 @@ pub unsafe extern "C" fn nbdkit_server_listen_tcp(srv: *mut nbdkit_server, host:
 /// Listens on the sockets systemd passed when socket-activating this
 /// process (LISTEN_PID / LISTEN_FDS, from fd 3), Unix or TCP. The sockets
 /// are taken once per process: the call clears LISTEN_PID, LISTEN_FDS
-/// and LISTEN_FDNAMES as `sd_listen_fds(1)` does, and later calls (for
+/// and LISTEN_FDNAMES, as sd_listen_fds(3) does when asked to unset the
+/// environment, and later calls (for
 /// this or another server) take none. Set-up thread only, before
 /// `nbdkit_main_loop`.
 ///
@@ -518,7 +521,7 @@ pub extern "C" fn nbdkit_server_set_max_inflight(srv: *mut nbdkit_server, max_op
 /// `block_size` maximum above it is lowered to it. Larger requests are
 /// refused with EINVAL (a client sending a larger payload with extended
 /// headers is disconnected). Set-up thread only. Returns 0, or -EINVAL
-/// outside that range.
+/// for a size outside 512 bytes to 1 GiB.
 #[unsafe(no_mangle)]
 pub extern "C" fn nbdkit_server_set_max_request_size(srv: *mut nbdkit_server, bytes: u32) -> c_int {
     with_setup(srv, "nbdkit_server_set_max_request_size", |l| {

@@ -139,10 +139,12 @@ pub extern "C" fn nbdkit_server_set_tls_verify_peer(srv: *mut nbdkit_server, ver
 }
 
 /// The verified certificate (DER) the TLS client presented, for access
-/// control. Only meaningful inside the plugin's `open` callback: it
-/// returns NULL elsewhere, and when the client did not use TLS or sent no
-/// certificate. `len` (if not NULL) receives its size. The bytes are valid
-/// until `open` returns.
+/// control. Only meaningful inside the plugin's `open` callback, on its
+/// thread. `len` (if not NULL) receives its size.
+///
+/// Returns the certificate's bytes, valid until `open` returns; NULL
+/// outside `open`, and when the client did not use TLS or sent no
+/// certificate.
 ///
 /// # Safety
 /// `len` must be NULL or point to a writable size_t.

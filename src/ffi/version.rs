@@ -8,10 +8,11 @@ pub const NBDKIT_ASYNC_VERSION_MAJOR: u32 = 0;
 pub const NBDKIT_ASYNC_VERSION_MINOR: u32 = 1;
 pub const NBDKIT_ASYNC_VERSION_MICRO: u32 = 0;
 
-/// The version of the library the program runs against, as
-/// "MAJOR.MINOR.MICRO" (the same numbers as the header's
-/// NBDKIT_ASYNC_VERSION_* when they match). A static string: never free
-/// it. Thread-safe; callable at any time.
+/// The version of the library the program runs against (the same
+/// numbers as the header's NBDKIT_ASYNC_VERSION_* when they match).
+/// Thread-safe; callable at any time.
+///
+/// Returns a static "MAJOR.MINOR.MICRO" string: never free it.
 #[unsafe(no_mangle)]
 pub extern "C" fn nbdkit_async_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
