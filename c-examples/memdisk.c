@@ -17,12 +17,14 @@
  *                 [--max-inflight N] [--max-connections N]
  *                 [--handshake-timeout-ms N] [--request-timeout-ms N]
  *                 [--shutdown-grace-ms N] [--max-request-size N[K|M]]
- *                 [--fd N] [--tls=off|on|require] [--tls-certificates DIR]
+ *                 [--loops N] [--fd N] [--tls=off|on|require] [--tls-certificates DIR]
  *                 [--tls-verify-peer]
  *
  * On SIGINT or SIGTERM it stops taking requests and gives those in flight
  * --shutdown-grace-ms (default 5000) to finish before their clients are
- * answered ESHUTDOWN; -1 waits for every one.
+ * answered ESHUTDOWN; -1 waits for every one. --loops N serves clients from
+ * N event loops (threads): the callbacks below share only the disks, whose
+ * lock and the timer queue's make them safe on any thread.
  *
  * --fd N serves one client already connected on descriptor N (0 when a
  * client starts us over a socketpair) and exits when it leaves. Sockets
@@ -424,7 +426,7 @@ usage (void)
            "               [--max-inflight N] [--max-connections N]\n"
            "               [--handshake-timeout-ms N] [--request-timeout-ms N]\n"
            "               [--shutdown-grace-ms N] [--max-request-size N[K|M]]\n"
-           "               [--fd N] [--tls=off|on|require] [--tls-certificates DIR]\n"
+           "               [--loops N] [--fd N] [--tls=off|on|require] [--tls-certificates DIR]\n"
            "               [--tls-verify-peer]\n");
   exit (EXIT_FAILURE);
 }
@@ -439,7 +441,7 @@ main (int argc, char *argv[])
   int workers = 2, readonly = 0;
   long max_inflight = 0, max_connections = 0;
   long handshake_timeout_ms = -1, request_timeout_ms = 0;
-  long shutdown_grace_ms = 5000;
+  long shutdown_grace_ms = 5000, loops = 1;
   uint64_t max_request_size = 0;
   int client_fd = -1;
   int tls = NBDKIT_TLS_OFF, tls_verify_peer = 0;
@@ -459,6 +461,7 @@ main (int argc, char *argv[])
     { "request-timeout-ms", required_argument, NULL, 'R' },
     { "shutdown-grace-ms", required_argument, NULL, 'G' },
     { "max-request-size", required_argument, NULL, 'M' },
+    { "loops", required_argument, NULL, 'L' },
     { "fd", required_argument, NULL, 'f' },
     { "tls", required_argument, NULL, 'T' },
     { "tls-certificates", required_argument, NULL, 'C' },
@@ -485,6 +488,7 @@ main (int argc, char *argv[])
     case 'R': request_timeout_ms = atol (optarg); break;
     case 'G': shutdown_grace_ms = atol (optarg); break;
     case 'M': max_request_size = parse_size (optarg); break;
+    case 'L': loops = atol (optarg); break;
     case 'f': client_fd = atoi (optarg); break;
     case 'T':
       if (strcmp (optarg, "off") == 0) tls = NBDKIT_TLS_OFF;
@@ -531,6 +535,8 @@ main (int argc, char *argv[])
     nbdkit_server_set_handshake_timeout_ms (srv, (uint32_t) handshake_timeout_ms);
   nbdkit_server_set_request_timeout_ms (srv, (uint32_t) request_timeout_ms);
   nbdkit_server_set_shutdown_grace_ms (srv, shutdown_grace_ms);
+  if (loops < 1 || nbdkit_server_set_loops (srv, (uint32_t) loops) < 0)
+    return EXIT_FAILURE;
   if (max_request_size > UINT32_MAX ||
       (max_request_size > 0 &&
        nbdkit_server_set_max_request_size (srv, (uint32_t) max_request_size) < 0))

@@ -887,6 +887,25 @@ int nbdkit_server_set_max_request_size(struct nbdkit_server *srv, uint32_t bytes
 int nbdkit_server_set_threads(struct nbdkit_server *srv, uint32_t threads);
 
 /**
+ * Serves connections from `loops` event loops, each on a thread of its
+ * own, instead of one (the default), so that a server with many clients
+ * uses more than one core. New connections go to the loops in turn, and
+ * each connection stays on its loop: its `open`, I/O callbacks, `cancel`
+ * and `close` all run on that loop's thread. What changes for the plugin:
+ * callbacks of different connections run at once on different threads,
+ * so state they share (an export table, a cache, the `list_exports` data)
+ * must be thread-safe; a reply may be given from any thread as before.
+ * `nbdkit_main_loop` runs the first loop on its caller's thread and starts
+ * the others; `nbdkit_server_process` serves one loop only and refuses a
+ * server set to more. The memory limit over all connections is shared out
+ * evenly between the loops. Set-up thread only.
+ *
+ * Returns 0; -EINVAL for 0 or more than 64; -ENOTSUP for a synchronous
+ * plugin (give it more threads with `nbdkit_server_set_threads`).
+ */
+int nbdkit_server_set_loops(struct nbdkit_server *srv, uint32_t loops);
+
+/**
  * Caps the connections served at once (0, the default, means no cap).
  * Clients over the cap are accepted and closed at once. Set-up thread
  * only. Returns 0 or a negative errno.

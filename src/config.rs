@@ -44,6 +44,8 @@ pub struct Config {
     pub shutdown_grace: Option<Duration>,
     /// Worker threads for a synchronous plugin.
     pub threads: usize,
+    /// Event loops (threads) serving connections; 1 is the classic model.
+    pub loops: usize,
     pub tls_mode: TlsMode,
     pub tls_settings: TlsSettings,
     /// Built from `tls_settings` when the loop starts.
@@ -65,6 +67,7 @@ impl Default for Config {
             request_timeout: None,
             shutdown_grace: None,
             threads: DEFAULT_THREADS,
+            loops: 1,
             tls_mode: TlsMode::Off,
             tls_settings: TlsSettings::default(),
             tls: None,

@@ -5,9 +5,12 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, UnixListener};
@@ -79,6 +82,33 @@ impl Listener {
     }
 }
 
+/// Runs one stretch of the loop, `f`, so that a panic inside it can never
+/// free memory the plugin may still hold: the loop is then abandoned
+/// (sockets closed, memory leaked) and `Err(-EIO)` returned.
+pub(crate) fn run_guarded<T>(name: &str, l: &mut EventLoop, f: impl FnOnce(&mut EventLoop) -> T) -> Result<T, ()> {
+    match catch_unwind(AssertUnwindSafe(|| f(l))) {
+        Ok(v) => Ok(v),
+        Err(payload) => {
+            log::error!(
+                "internal error in {name}: {}; the server stops, and its memory is kept (leaked) because the plugin may still use op buffers",
+                panic_message(&payload)
+            );
+            // Best effort: clients see their sockets close rather than hang.
+            let _ = catch_unwind(AssertUnwindSafe(|| l.abandon()));
+            Err(())
+        }
+    }
+}
+
+/// What a panic said.
+pub(crate) fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 /// Process-wide shutdown, safe to request from a signal handler: bump the
 /// epoch and poke an eventfd that every server's poll watches.
 static SHUTDOWN_EPOCH: AtomicU64 = AtomicU64::new(0);
@@ -112,7 +142,8 @@ pub fn request_global_shutdown() {
 /// What other threads may touch: the completion queue and the stop flag.
 pub struct Shared {
     pub id: usize,
-    pub stats: Stats,
+    /// One for the whole server: every loop of it counts here.
+    pub stats: Arc<Stats>,
     pub completions: Arc<Completions>,
     pub stop: AtomicBool,
     epoch: u64,
@@ -145,8 +176,53 @@ pub struct EventLoop {
     state: LoopState,
 }
 
+/// Connections the first loop accepted for another loop of the server.
+pub struct Handoff {
+    streams: Mutex<Vec<Stream>>,
+    completions: Arc<Completions>,
+}
+
+impl Handoff {
+    fn give(&self, stream: Stream) {
+        self.streams.lock().push(stream);
+        self.completions.wake();
+    }
+}
+
+/// What a loop other than the first is made of; it is built on its own
+/// thread, since a loop never changes threads.
+pub struct SiblingParts {
+    pub plugin: Box<dyn Plugin>,
+    pub config: Config,
+    pub stats: Arc<Stats>,
+    /// This loop's number (1..loops), for distinct connection serials.
+    pub index: usize,
+}
+
 impl EventLoop {
     pub fn new(plugin: Box<dyn Plugin>) -> io::Result<EventLoop> {
+        EventLoop::with_stats(plugin, Arc::new(Stats::default()))
+    }
+
+    /// Another loop of the server `parts` describe; also returns where the
+    /// first loop hands it connections and how to stop it.
+    pub fn sibling(parts: SiblingParts) -> io::Result<(EventLoop, Arc<Handoff>)> {
+        let mut l = EventLoop::with_stats(parts.plugin, parts.stats)?;
+        l.config = parts.config;
+        l.state.next_serial = 1 + parts.index as u64;
+        l.state.is_sibling = true;
+        let handoff = Arc::new(Handoff { streams: Mutex::new(Vec::new()), completions: l.shared.completions.clone() });
+        l.state.handoff = Some(handoff.clone());
+        Ok((l, handoff))
+    }
+
+    /// Makes the first loop hand new connections round-robin to `siblings`
+    /// as well as serve them itself.
+    pub fn share_with(&mut self, siblings: Vec<Arc<Handoff>>) {
+        self.state.siblings = siblings;
+    }
+
+    fn with_stats(plugin: Box<dyn Plugin>, stats: Arc<Stats>) -> io::Result<EventLoop> {
         let poll = Poll::new()?;
         let waker = mio::Waker::new(poll.registry(), WAKER)?;
         let fd = shutdown_fd()?;
@@ -156,7 +232,7 @@ impl EventLoop {
             .ok_or_else(|| io::Error::other("too many servers in this process"))?;
         let shared = Arc::new(Shared {
             id,
-            stats: Stats::default(),
+            stats,
             completions,
             stop: AtomicBool::new(false),
             epoch: SHUTDOWN_EPOCH.load(Ordering::SeqCst),
@@ -202,7 +278,7 @@ impl EventLoop {
         self.state.started = true;
         self.state.handshakes = self.config.handshake_timeout.map(Deadlines::new);
         self.state.requests = self.config.request_timeout.map(Deadlines::new);
-        self.state.budget = Budget::new(self.config.max_total_bytes);
+        self.state.budget = Budget::new(self.config.max_total_bytes / self.config.loops);
         self.plugin.start_workers(self.config.threads)?;
         for stream in std::mem::take(&mut self.state.pending) {
             self.admit(stream, Instant::now());
@@ -276,6 +352,12 @@ impl EventLoop {
             panic!("injected by a test");
         }
         let now = Instant::now();
+        if let Some(handoff) = self.state.handoff.clone() {
+            let streams = std::mem::take(&mut *handoff.streams.lock());
+            for stream in streams {
+                self.admit(stream, now);
+            }
+        }
         let mut touched = std::mem::take(&mut self.state.touched);
         touched.clear();
         touched.append(&mut self.state.again);
@@ -313,7 +395,7 @@ impl EventLoop {
         }
         // With no listener, the last client leaving ends the server (as
         // `nbdkit -s` does for its one client on stdin).
-        let nothing_left = self.listeners.is_empty() && self.state.conns.is_empty();
+        let nothing_left = self.listeners.is_empty() && self.state.conns.is_empty() && !self.state.is_sibling;
         if self.state.stopping_since.is_none() && (self.shared.stop_requested() || nothing_left) {
             self.begin_shutdown(now);
             touched.extend(self.state.conns.iter().map(|(k, _)| k));
@@ -337,7 +419,11 @@ impl EventLoop {
             self.service(key, now);
         }
         self.state.touched = touched;
-        if self.state.stopping_since.is_none() && self.listeners.is_empty() && self.state.conns.is_empty() {
+        if self.state.stopping_since.is_none()
+            && self.listeners.is_empty()
+            && self.state.conns.is_empty()
+            && !self.state.is_sibling
+        {
             self.begin_shutdown(now); // the last client just left
         }
         self.shutdown_complete(now)
@@ -421,7 +507,14 @@ impl EventLoop {
                     return;
                 }
             };
-            self.admit(stream, now);
+            // With several loops, connections go round-robin; each stays
+            // on the loop it is given for its whole life.
+            let turn = self.state.next_loop;
+            self.state.next_loop = (turn + 1) % (self.state.siblings.len() + 1);
+            match turn.checked_sub(1).and_then(|i| self.state.siblings.get(i)) {
+                Some(sibling) => sibling.give(stream),
+                None => self.admit(stream, now),
+            }
         }
     }
 
@@ -437,14 +530,15 @@ impl EventLoop {
         // costing a write and an epoll round trip.
         stream.grow_send_buffer(SEND_BUFFER);
         let s = &mut self.state;
-        if self.config.max_connections != 0 && s.conns.len() >= self.config.max_connections {
+        let open = self.shared.stats.connections.load(Ordering::Relaxed) as usize;
+        if self.config.max_connections != 0 && open >= self.config.max_connections {
             log::warn!("refusing a client: {} connections is the limit", self.config.max_connections);
             return;
         }
         {
             let key = s.conns.vacant_key();
             let serial = s.next_serial;
-            s.next_serial += 1;
+            s.next_serial += self.config.loops as u64; // loops number theirs apart
             // SERIALIZE_CONNECTIONS: later clients wait, ungreeted, for their turn.
             let wait = self.plugin.serializes_connections() && !s.conns.is_empty();
             let mut conn = crate::logging::in_connection(serial, || {
@@ -669,6 +763,14 @@ struct LoopState {
     buffers: BufferPool,
     /// Clients handed over before the loop started.
     pending: Vec<Stream>,
+    /// The server's other loops (on the first loop), and whose turn the
+    /// next connection is (0: this loop).
+    siblings: Vec<Arc<Handoff>>,
+    next_loop: usize,
+    /// On another loop: where its connections come from. It has no
+    /// listener, yet runs until the server stops.
+    handoff: Option<Arc<Handoff>>,
+    is_sibling: bool,
 }
 
 #[cfg(test)]

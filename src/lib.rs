@@ -18,5 +18,6 @@ pub(crate) mod loan;
 pub(crate) mod logging;
 pub(crate) mod plugin;
 pub(crate) mod protocol;
+pub(crate) mod siblings;
 pub(crate) mod stats;
 pub(crate) mod tls;

@@ -101,4 +101,8 @@ pub(crate) trait Plugin: Send {
     fn start_workers(&mut self, threads: usize) -> io::Result<()>;
     /// Waits for those threads to finish what they run, and joins them.
     fn stop_workers(&mut self);
+    /// The same plugin for another event loop of the server, when it can
+    /// serve from several (a synchronous plugin, with its worker pool and
+    /// thread model, cannot).
+    fn for_another_loop(&self) -> Option<Box<dyn Plugin>>;
 }

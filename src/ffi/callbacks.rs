@@ -306,6 +306,14 @@ impl Plugin for CPlugin {
             p.stop();
         }
     }
+
+    fn for_another_loop(&self) -> Option<Box<dyn Plugin>> {
+        if self.pool.is_some() {
+            return None;
+        }
+        let copy = CPlugin { raw: self.raw, user_data: self.user_data, name: self.name.clone(), pool: None };
+        Some(Box::new(copy))
+    }
 }
 
 /// Largest errno a callback may return negated (as the kernel's MAX_ERRNO).

@@ -5,9 +5,10 @@
 use std::ffi::c_int;
 use std::time::Duration;
 
-use super::server::{Driver, Phase, nbdkit_server, run_guarded, server};
+use super::server::{Driver, Phase, nbdkit_server, server};
 use super::{guard, neg};
 use crate::errno::{self, Describe};
+use crate::event_loop::run_guarded;
 
 /// A descriptor that becomes readable whenever the server has work; watch
 /// it in the host's loop (epoll, poll, asio `posix::stream_descriptor`) and
@@ -63,6 +64,11 @@ pub extern "C" fn nbdkit_server_process(srv: *mut nbdkit_server) -> c_int {
             Ok(l) => l,
             Err(e) => return e,
         };
+        if l.config.loops > 1 {
+            log::error!("{NAME}: the server is set to {} loops; only nbdkit_main_loop runs several", l.config.loops);
+            s.put_loop(Phase::Setup(l));
+            return neg(libc::EINVAL);
+        }
         // The phase lock is not held from here on: callbacks may call back
         // into the library and get its answer (often -EBUSY), not a deadlock.
         let turn = run_guarded(NAME, &mut l, |l| {

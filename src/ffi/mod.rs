@@ -28,13 +28,7 @@ fn guard<T>(name: &str, on_panic: T, body: impl FnOnce() -> T) -> T {
     }
 }
 
-fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
-}
+use crate::event_loop::panic_message;
 
 /// A negative errno for C.
 fn neg(errno: i32) -> i32 {

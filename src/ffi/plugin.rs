@@ -89,6 +89,7 @@ pub const NBDKIT_FUA_NATIVE: c_int = 2;
 /// the client cannot connect). A NULL capability callback answers from the
 /// presence of the matching I/O callback.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct nbdkit_plugin_lowlevel {
     /// Short plugin name, used in logs. May be NULL.
     pub name: *const c_char,

@@ -4,19 +4,19 @@ use std::cell::RefCell;
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::net::ToSocketAddrs;
 use std::os::unix::fs::FileTypeExt;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::ReentrantMutex;
+use parking_lot::{Mutex, ReentrantMutex};
 
 use super::callbacks::CPlugin;
 use super::plugin::nbdkit_plugin_lowlevel;
 use super::sync_plugin::nbdkit_plugin;
 use super::{guard, neg};
 use crate::errno::{self, Describe};
-use crate::event_loop::{EventLoop, Listener, Shared, request_global_shutdown};
+use crate::event_loop::{EventLoop, Listener, Shared, request_global_shutdown, run_guarded};
+use crate::siblings::Siblings;
 
 /// An NBD server: a plugin, its listening sockets and settings.
 ///
@@ -37,6 +37,9 @@ pub(super) struct Server {
     pub(super) shared: Arc<Shared>,
     /// The loop's epoll descriptor, fixed for the server's life.
     pub(super) fd: c_int,
+    /// The server's other loops, from `nbdkit_main_loop` until the server
+    /// is freed (see `nbdkit_server_set_loops`).
+    siblings: Mutex<Option<Arc<Siblings>>>,
 }
 
 /// Who drives a loop that is out of its `Phase` slot.
@@ -108,24 +111,6 @@ impl Phase {
             Phase::Embedded(_) => "the server is driven by nbdkit_server_process",
             Phase::Finished(_) => "the server has stopped",
             Phase::Failed => "the server stopped after an internal error",
-        }
-    }
-}
-
-/// Runs one stretch of the loop, `f`, so that a panic inside it can never
-/// free memory the plugin may still hold: the loop is then abandoned
-/// (sockets closed, memory leaked) and `Err(-EIO)` returned.
-pub(super) fn run_guarded<T>(name: &str, l: &mut EventLoop, f: impl FnOnce(&mut EventLoop) -> T) -> Result<T, ()> {
-    match catch_unwind(AssertUnwindSafe(|| f(l))) {
-        Ok(v) => Ok(v),
-        Err(payload) => {
-            log::error!(
-                "internal error in {name}: {}; the server stops, and its memory is kept (leaked) because the plugin may still use op buffers",
-                super::panic_message(&payload)
-            );
-            // Best effort: clients see their sockets close rather than hang.
-            let _ = catch_unwind(AssertUnwindSafe(|| l.abandon()));
-            Err(())
         }
     }
 }
@@ -281,8 +266,13 @@ fn new_server(name: &str, plugin: Result<CPlugin, &'static str>) -> *mut nbdkit_
         Ok(l) => {
             let shared = l.shared.clone();
             let fd = l.fd();
-            Box::into_raw(Box::new(Server { phase: ReentrantMutex::new(RefCell::new(Phase::Setup(l))), shared, fd }))
-                .cast()
+            Box::into_raw(Box::new(Server {
+                phase: ReentrantMutex::new(RefCell::new(Phase::Setup(l))),
+                shared,
+                fd,
+                siblings: Mutex::new(None),
+            }))
+            .cast()
         }
         Err(e) => {
             log::error!("{name}: cannot create the event loop: {}", Describe(&e));
@@ -306,6 +296,9 @@ pub extern "C" fn nbdkit_server_free(srv: *mut nbdkit_server) {
         if running {
             log::error!("nbdkit_server_free: the server's loop is running; not freed");
             return;
+        }
+        if let Some(siblings) = s.siblings.lock().take() {
+            siblings.release();
         }
         // SAFETY: srv came from Box::into_raw in nbdkit_server_new, and no
         // call of ours is using it (the loop is not running).
@@ -548,6 +541,37 @@ pub extern "C" fn nbdkit_server_set_threads(srv: *mut nbdkit_server, threads: u3
     })
 }
 
+/// Serves connections from `loops` event loops, each on a thread of its
+/// own, instead of one (the default), so that a server with many clients
+/// uses more than one core. New connections go to the loops in turn, and
+/// each connection stays on its loop: its `open`, I/O callbacks, `cancel`
+/// and `close` all run on that loop's thread. What changes for the plugin:
+/// callbacks of different connections run at once on different threads,
+/// so state they share (an export table, a cache, the `list_exports` data)
+/// must be thread-safe; a reply may be given from any thread as before.
+/// `nbdkit_main_loop` runs the first loop on its caller's thread and starts
+/// the others; `nbdkit_server_process` serves one loop only and refuses a
+/// server set to more. The memory limit over all connections is shared out
+/// evenly between the loops. Set-up thread only.
+///
+/// Returns 0; -EINVAL for 0 or more than 64; -ENOTSUP for a synchronous
+/// plugin (give it more threads with `nbdkit_server_set_threads`).
+#[unsafe(no_mangle)]
+pub extern "C" fn nbdkit_server_set_loops(srv: *mut nbdkit_server, loops: u32) -> c_int {
+    with_setup(srv, "nbdkit_server_set_loops", |l| {
+        if !(1..=64).contains(&loops) {
+            log::error!("nbdkit_server_set_loops: {loops} is not between 1 and 64");
+            return neg(libc::EINVAL);
+        }
+        if loops > 1 && l.plugin.for_another_loop().is_none() {
+            log::error!("nbdkit_server_set_loops: a synchronous plugin runs on one loop; give it threads instead");
+            return neg(libc::ENOTSUP);
+        }
+        l.config.loops = loops as usize;
+        0
+    })
+}
+
 /// Caps the connections served at once (0, the default, means no cap).
 /// Clients over the cap are accepted and closed at once. Set-up thread
 /// only. Returns 0 or a negative errno.
@@ -654,10 +678,28 @@ pub extern "C" fn nbdkit_main_loop(srv: *mut nbdkit_server) -> c_int {
             Ok(l) => l,
             Err(e) => return e,
         };
-        match run_guarded(NAME, &mut event_loop, |l| l.run()) {
+        if event_loop.config.loops > 1 {
+            match Siblings::start(&mut event_loop) {
+                Ok(siblings) => *s.siblings.lock() = Some(Arc::new(siblings)),
+                Err(e) => {
+                    log::error!("{NAME}: cannot start the other event loops: {}", Describe(&e));
+                    s.put_loop(Phase::Finished(event_loop));
+                    return neg(errno::of(&e, libc::EIO));
+                }
+            }
+        }
+        let ran = run_guarded(NAME, &mut event_loop, |l| l.run());
+        // The other loops end with this one (also when it ended by itself,
+        // its last client gone), and before this call returns.
+        let siblings = s.siblings.lock().clone();
+        let others = siblings.map_or(Ok(()), |sib| {
+            sib.stop();
+            sib.wait()
+        });
+        match ran {
             Ok(result) => {
                 s.put_loop(Phase::Finished(event_loop));
-                match result {
+                match result.and(others) {
                     Ok(()) => 0,
                     Err(e) => {
                         log::error!("event loop failed: {}", Describe(&e));
@@ -685,6 +727,9 @@ pub extern "C" fn nbdkit_server_shutdown(srv: *mut nbdkit_server) -> c_int {
     guard("nbdkit_server_shutdown", neg(libc::EIO), || match server(srv) {
         Some(s) => {
             s.shared.request_stop();
+            if let Some(siblings) = s.siblings.lock().clone() {
+                siblings.stop();
+            }
             0
         }
         None => neg(libc::EINVAL),
