@@ -49,7 +49,10 @@ ALL_SERVERS = ["memdisk", "memdisk-cap", "nbdkit-t16", "nbdkit-tqd", "qemu-nbd"]
 MEMDISK_CAP = 1024
 # Opt-in: the same servers behind TLS (--servers memdisk-tls,nbdkit-tls).
 TLS_SERVERS = ["memdisk-tls", "nbdkit-tls"]
-KNOWN_SERVERS = ALL_SERVERS + TLS_SERVERS
+# Opt-in: memdisk serving from two event loops (--loops 2); only the
+# multi-connection workload spreads over them.
+LOOP_SERVERS = ["memdisk-2loops"]
+KNOWN_SERVERS = ALL_SERVERS + TLS_SERVERS + LOOP_SERVERS
 
 
 _tls_dir = None
@@ -226,6 +229,8 @@ class Server:
                 argv += ["--max-inflight", str(MEMDISK_CAP)]
             if self.kind == "memdisk-tls":
                 argv += ["--tls=require", "--tls-certificates", str(tls_certificates())]
+            if self.kind == "memdisk-2loops":
+                argv += ["--loops", "2"]
             return argv
         if self.kind in ("nbdkit-t16", "nbdkit-tqd", "nbdkit-tls"):
             t = 16 if self.kind != "nbdkit-tqd" else nbdkit_threads(
@@ -549,6 +554,8 @@ def run_repeated(kind, workload, latency_ms, depth, args):
 def skip_reason(kind, workload, latency_ms, depth, args):
     if kind == "qemu-nbd" and latency_ms > 0:
         return "qemu-nbd has no latency injection"
+    if kind == "memdisk-2loops" and workload != "multiconn":
+        return "one connection is served by one loop"
     if kind == "memdisk-cap" and (depth <= MEMDISK_CAP or workload == "multiconn"):
         return f"the cap of {MEMDISK_CAP} in flight only bites above QD {MEMDISK_CAP}"
     if kind == "nbdkit-tqd" and depth <= 16:
@@ -954,11 +961,11 @@ ratios between servers within one run count.**
 
 COLORS = {"memdisk-tls": "#ff9896", "nbdkit-tls": "#aec7e8",
           "memdisk": "#d62728", "memdisk-cap": "#ff7f0e", "nbdkit-t16": "#1f77b4",
-          "nbdkit-tqd": "#2ca02c", "qemu-nbd": "#9467bd"}
+          "nbdkit-tqd": "#2ca02c", "qemu-nbd": "#9467bd", "memdisk-2loops": "#8c564b"}
 NAMES = {"memdisk-tls": "memdisk over TLS", "nbdkit-tls": "nbdkit -t16 over TLS",
          "memdisk": "memdisk (ours)",
          "memdisk-cap": f"memdisk --max-inflight {MEMDISK_CAP}", "nbdkit-t16": "nbdkit -t16",
-         "nbdkit-tqd": "nbdkit -t QD", "qemu-nbd": "qemu-nbd"}
+         "nbdkit-tqd": "nbdkit -t QD", "qemu-nbd": "qemu-nbd", "memdisk-2loops": "memdisk --loops 2"}
 
 
 def esc(s):
