@@ -403,7 +403,10 @@ def run_fio(argv, json_path, timeout):
     if rc != 0:
         raise BenchError(f"fio exited {rc}: {log_text[-1500:].strip()}")
     try:
-        data = json.loads(json_path.read_text())
+        # With --thread, fio's nbd engine may print its "connected" lines
+        # into the output file ahead of the JSON.
+        text = json_path.read_text()
+        data = json.loads(text[text.find("{"):])
     except (OSError, ValueError) as e:
         raise BenchError(f"fio wrote no JSON ({e}): {log_text[-1500:]}")
     return data, rusage.ru_utime + rusage.ru_stime, wall
