@@ -918,14 +918,16 @@ int nbdkit_server_set_max_connections(struct nbdkit_server *srv, uint32_t max_co
  * over all connections (default 1 GiB). A connection at its cap, or any
  * connection holding memory while the total is at its cap, gets no new
  * request read until replies go out; one connection at a time that holds
- * nothing may still start one, so no client starves. A request may thus
- * overshoot a cap by its own size (see
- * `nbdkit_server_set_max_request_size`). Independently, a client whose
- * unsent replies pass 4 MiB gets no new request read until it reads them. A WRITE payload, once
- * started, is received to its end; its buffer grows with what the client
- * actually sent, so a client stalling mid-payload holds at most that (cap
- * connections with `nbdkit_server_set_max_connections` to bound those).
- * 0 keeps a default. Set-up thread only. Returns 0 or a negative errno.
+ * nothing may still start one (a turn that passes on after it stalls for
+ * a second), so no client starves. A WRITE payload, once started, is
+ * received to its end: each connection receiving one may overshoot a cap
+ * by that request's size (see `nbdkit_server_set_max_request_size`); its
+ * buffer grows with what the client actually sent, so a client stalling
+ * mid-payload holds at most that (cap connections with
+ * `nbdkit_server_set_max_connections` to bound those). Independently, a
+ * client whose unsent replies pass 4 MiB gets no new request read until
+ * it reads them. 0 keeps a default. Set-up thread only. Returns 0 or a
+ * negative errno.
  */
 int nbdkit_server_set_memory_limits(struct nbdkit_server *srv, size_t per_connection, size_t total);
 

@@ -389,8 +389,10 @@ impl EventLoop {
         self.expire(now, &mut touched);
         if let Some((conn, at)) = self.exempt_stall_deadline() {
             if at <= now {
-                // Its client stopped sending mid-WRITE: the next connection gets the turn.
+                // Its client stopped sending mid-WRITE: the next connection
+                // gets the turn, and those the cap paused must hear of it.
                 self.state.budget.release_exempt(conn);
+                touched.append(&mut self.state.starved);
             }
         }
         // With no listener, the last client leaving ends the server (as
