@@ -154,8 +154,13 @@ lint:
 unit-test:
 	$(CARGO) test --quiet
 
+# The memdisk modules run a second time with two event loops per server.
+LOOP_TESTS := tests/test_memdisk_clients.py tests/test_memdisk_protocol.py \
+              tests/test_memdisk_concurrency.py tests/test_memdisk_lifecycle.py \
+              tests/test_extended_headers.py tests/test_hostile.py
 integration-test: all
 	$(PYTHON) -m pytest -q tests
+	MEMDISK_LOOPS=2 $(PYTHON) -m pytest -q $(LOOP_TESTS)
 
 bench: check-deps all
 	$(PYTHON) bench/run.py

@@ -25,8 +25,7 @@ import errno
 import os
 import shutil
 import signal
-import socket
-import struct
+import re
 import subprocess
 import tempfile
 import threading
@@ -36,11 +35,15 @@ from pathlib import Path
 import nbd
 import pytest
 
+import nbdwire
 from support import proc_status, stop_all, tool_env
 
 ROOT = Path(__file__).resolve().parent.parent
 MEMDISK = ROOT / "build" / "memdisk"
 
+# MEMDISK_LOOPS=N runs every memdisk with --loops N: `make check` runs the
+# memdisk modules a second time that way (see the Makefile).
+LOOPS = int(os.environ.get("MEMDISK_LOOPS", "1"))
 START_TIMEOUT = 10.0   # seconds until the URI line must appear
 STOP_TIMEOUT = 10.0    # seconds from SIGTERM until the process must exit
 TEST_TIMEOUT = 90.0    # watchdog: kill the servers of a test that hangs
@@ -114,6 +117,42 @@ class Memdisk:
     def send_signal(self, sig):
         if self.alive():
             self.proc.send_signal(sig)
+
+    def _stats_lines(self):
+        return [line for line in self.stderr().splitlines()
+                if line.startswith("memdisk: connections")]
+
+    def stats(self, timeout=5.0):
+        """The server's nbdkit_server_stats counters now (memdisk prints
+        them on SIGUSR1): {"connections", "connections_total",
+        "in_flight", "reads", "writes", "bytes_read", "bytes_written",
+        "errors"}."""
+        before = len(self._stats_lines())
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while len(self._stats_lines()) == before:
+            assert self.alive(), f"server died\n{self.describe()}"
+            assert time.monotonic() < deadline, (
+                f"no stats line {timeout:.0f} s after SIGUSR1\n{self.describe()}")
+            time.sleep(0.005)
+        line = self._stats_lines()[before]
+        nums = [int(n) for n in re.findall(r"\d+", line)]
+        keys = ("connections", "connections_total", "in_flight", "reads",
+                "writes", "bytes_read", "bytes_written", "errors")
+        assert len(nums) == len(keys), line
+        return dict(zip(keys, nums))
+
+    def wait_stats(self, predicate, what, timeout=10.0):
+        """Polls stats() until predicate(stats) holds; returns them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.stats()
+            if predicate(st):
+                return st
+            assert time.monotonic() < deadline, (
+                f"timed out after {timeout:.0f} s waiting for {what}: "
+                f"last stats {st}\n{self.describe()}")
+            time.sleep(0.005)
 
     def wait(self, timeout=STOP_TIMEOUT):
         """Wait for exit; kill -9 and fail on timeout.  Returns the code."""
@@ -205,6 +244,8 @@ def memdisk_factory(tmp_path, request, check_uri=check_unix_uri):
         if tcp:
             argv += ["--tcp", tcp]
         argv += [str(a) for a in args]
+        if LOOPS > 1 and "--loops" not in argv:
+            argv += ["--loops", str(LOOPS)]
         stdout_path = tmp_path / f"memdisk{n}.stdout"
         stderr_path = tmp_path / f"memdisk{n}.stderr"
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
@@ -352,144 +393,25 @@ def run_tool(argv, srv=None, timeout=TOOL_TIMEOUT, check=True):
 
 
 # --------------------------------------------------------------------------
-# A minimal raw NBD client, for requests libnbd cannot send at all (flush
+# Raw NBD (tests/nbdwire.py), for requests libnbd cannot send at all (flush
 # with an offset, unknown commands and flags, DISC with requests in flight,
-# unknown options, NBD_OPT_EXPORT_NAME).  Simple replies only.
-
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-OPT_REPLY_MAGIC = 0x0003E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-
-FLAG_FIXED_NEWSTYLE = 1
-FLAG_NO_ZEROES = 2
-
-OPT_EXPORT_NAME = 1
-OPT_ABORT = 2
-OPT_LIST = 3
-OPT_GO = 7
-
-REP_ACK = 1
-REP_SERVER = 2
-REP_INFO = 3
-REP_ERR_UNSUP = (1 << 31) + 1
-REP_ERR_UNKNOWN = (1 << 31) + 6
-
-CMD_READ = 0
-CMD_WRITE = 1
-CMD_DISC = 2
-CMD_FLUSH = 3
-CMD_TRIM = 4
-CMD_CACHE = 5
-CMD_WRITE_ZEROES = 6
-
-NBD_EPERM = 1
-NBD_EIO = 5
-NBD_EINVAL = 22
-NBD_ENOSPC = 28
-NBD_EOVERFLOW = 75
-
-
-class RawNBD:
-    """Fixed-newstyle client over a Unix socket, every wait bounded."""
-
-    def __init__(self, sock_path, timeout=10.0):
-        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.s.settimeout(timeout)
-        self.s.connect(str(sock_path))
-        self.cookie = 0
-        self.pending = {}       # cookie -> bytes of read data expected
-        self.size = None
-        self.tflags = None
-        magic, opt, hflags = struct.unpack(">QQH", self.recv_exact(18))
-        assert magic == NBDMAGIC and opt == IHAVEOPT, (hex(magic), hex(opt))
-        assert hflags & FLAG_FIXED_NEWSTYLE, f"handshake flags {hflags:#x}"
-        assert hflags & FLAG_NO_ZEROES, f"handshake flags {hflags:#x}"
-        self.s.sendall(struct.pack(">I", FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
-
-    def close(self):
-        self.s.close()
-
-    def recv_exact(self, n):
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.s.recv(min(n - len(buf), 1 << 20))
-            if not chunk:
-                raise EOFError(f"server closed after {len(buf)}/{n} bytes")
-            buf += chunk
-        return bytes(buf)
-
-    def at_eof(self):
-        """True if the server closed the connection (bounded wait)."""
-        try:
-            return self.s.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    # handshake ------------------------------------------------------------
-    def send_option(self, opt, data=b""):
-        self.s.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
-
-    def recv_option_reply(self):
-        magic, opt, rtype, length = struct.unpack(">QIII",
-                                                  self.recv_exact(20))
-        assert magic == OPT_REPLY_MAGIC, hex(magic)
-        return opt, rtype, self.recv_exact(length)
-
-    def go(self, name=b""):
-        """NBD_OPT_GO; returns the final reply type (REP_ACK on success)."""
-        self.send_option(OPT_GO, struct.pack(">I", len(name)) + name +
-                         struct.pack(">H", 0))
-        while True:
-            opt, rtype, data = self.recv_option_reply()
-            assert opt == OPT_GO, opt
-            if rtype == REP_INFO:
-                (info,) = struct.unpack(">H", data[:2])
-                if info == 0:
-                    self.size, self.tflags = struct.unpack(">QH", data[2:12])
-                continue
-            return rtype
-
-    def export_name(self, name=b""):
-        """Old-style NBD_OPT_EXPORT_NAME: ends the handshake."""
-        self.send_option(OPT_EXPORT_NAME, name)
-        self.size, self.tflags = struct.unpack(">QH", self.recv_exact(10))
-
-    # transmission ---------------------------------------------------------
-    def send_request(self, cmd, offset=0, length=0, flags=0, payload=b""):
-        self.cookie += 1
-        if cmd == CMD_READ:
-            self.pending[self.cookie] = length
-        self.s.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, flags, cmd,
-                                   self.cookie, offset, length) + payload)
-        return self.cookie
-
-    def recv_reply(self):
-        """Returns (cookie, error, data)."""
-        magic, error, cookie = struct.unpack(">IIQ", self.recv_exact(16))
-        assert magic == SIMPLE_REPLY_MAGIC, hex(magic)
-        n = self.pending.pop(cookie, 0)
-        data = self.recv_exact(n) if error == 0 and n else b""
-        return cookie, error, data
-
-    def request(self, cmd, offset=0, length=0, flags=0, payload=b""):
-        cookie = self.send_request(cmd, offset, length, flags, payload)
-        got, error, data = self.recv_reply()
-        assert got == cookie, f"reply cookie {got}, expected {cookie}"
-        return error, data
+# unknown options, NBD_OPT_EXPORT_NAME).
 
 
 @pytest.fixture
 def raw_nbd():
-    """Factory for RawNBD connections, closed at teardown."""
+    """Factory: raw_nbd(sock_path) -> an nbdwire.Client past the greeting
+    and client flags (ready for options); closed at teardown."""
     conns = []
 
     def connect(sock_path, timeout=10.0):
-        c = RawNBD(sock_path, timeout)
+        c = nbdwire.Client(path=sock_path, timeout=timeout)
         conns.append(c)
-        return c
+        return c.start()
 
     yield connect
     for c in conns:
-        c.close()
+        try:
+            c.close()
+        except OSError:
+            pass

@@ -5,8 +5,12 @@ its clean exit, waiting for libnbd aio commands, and the environment for
 Debian's NBD client tools.
 """
 
+import fcntl
 import os
 import shutil
+import signal
+import struct
+import termios
 import subprocess
 import tempfile
 import time
@@ -22,7 +26,7 @@ C_DIR = ROOT / "tests" / "c"
 CC = os.environ.get("CC", "cc")
 
 HARNESS_CFLAGS = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-g",
-                  "-I", str(INCLUDE), "-pthread"]
+                  "-I", str(INCLUDE), "-I", str(C_DIR), "-pthread"]
 ASAN_FLAGS = ["-O1", "-fsanitize=address", "-fno-omit-frame-pointer"]
 PRIVATE_LIBS = ["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl"]
 BUILD_TIMEOUT = 180
@@ -50,6 +54,37 @@ def proc_status(pid, key):
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     raise AssertionError("no %s: line in /proc/%d/status" % (key, pid))
+
+
+def unread_by_peer(fd):
+    """Bytes sent on socket fd that the peer has not read yet (SIOCOUTQ;
+    for a Unix socket the kernel counts them until the receiver takes
+    them): a counter of what a server without statistics of its own has
+    taken in."""
+    buf = fcntl.ioctl(fd, termios.TIOCOUTQ, struct.pack("i", 0))
+    return struct.unpack("i", buf)[0]
+
+
+def wait_until_consumed(h, timeout=10):
+    """Runs libnbd handle h until it has sent everything it queued and the
+    server has read all of it off the socket (see unread_by_peer)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = h.aio_get_direction() & nbd.AIO_DIRECTION_WRITE
+        if not pending and unread_by_peer(h.aio_get_fd()) == 0:
+            return
+        assert time.monotonic() < deadline, (
+            "the server did not take in the requests within %ss" % timeout)
+        h.poll(10)
+
+
+def poll_until_any_completed(h, timeout=10):
+    """Runs h until at least one of its commands completed (successfully
+    or not)."""
+    deadline = time.monotonic() + timeout
+    while not h.aio_peek_command_completed():
+        assert time.monotonic() < deadline, "no command completed within %ss" % timeout
+        h.poll(10)
 
 
 # --------------------------------------------------------------------------
@@ -95,6 +130,23 @@ def compile_c_harness(src, exe, flags=ASAN_FLAGS, timeout=BUILD_TIMEOUT):
 
 # --------------------------------------------------------------------------
 # A harness process
+
+
+def parse_stats(line):
+    """A STATS line of tests/c/harness.h as a dict: numbers as ints,
+    comma-separated lists (req, lat) as lists of ints, the rest as text;
+    "requests" is "req" by another name."""
+    out = {}
+    for field in line.split()[1:]:
+        key, _, value = field.partition("=")
+        if "," in value:
+            out[key] = [int(v) for v in value.split(",")]
+        elif value.isdigit():
+            out[key] = int(value)
+        else:
+            out[key] = value
+    out["requests"] = out.get("req")
+    return out
 
 
 class HarnessProcess:
@@ -166,6 +218,31 @@ class HarnessProcess:
                 self.kill()
                 pytest.fail(msg)
             time.sleep(0.01)
+
+    stats_signal = signal.SIGUSR1
+
+    def stats(self, timeout=5):
+        """The server's nbdkit_server_stats counters now: the harness
+        prints a STATS line (tests/c/harness.h) on self.stats_signal.
+        Returns {"connections", "connections_total", "in_flight",
+        "requests": [8 counters by NBD_CMD_*], "bytes_read",
+        "bytes_written", "errors", "lat": [32], ...}."""
+        before = self.count("STATS ")
+        self.send(self.stats_signal)
+        self.wait_for(lambda: self.count("STATS ") > before, timeout,
+                      "a STATS line")
+        line = [l for l in self.out().splitlines() if l.startswith("STATS ")][before]
+        return parse_stats(line)
+
+    def wait_stats(self, predicate, timeout, what):
+        """Polls stats() until predicate(stats) holds; returns them."""
+        box = []
+
+        def check():
+            box[:] = [self.stats()]
+            return predicate(box[0])
+        self.wait_for(check, timeout, what)
+        return box[0]
 
     def wait_ready(self, timeout=10):
         """Until stdout has a "ready" line and the socket exists."""

@@ -51,7 +51,10 @@ def harness_bins(tmp_path_factory):
 # ---------------------------------------------------------------- running
 
 class Harness(HarnessProcess):
-    """One api_harness process serving a Unix socket in a private tmp dir."""
+    """One api_harness process serving a Unix socket in a private tmp dir
+    (SIGUSR1 releases held ops, SIGUSR2 prints the server's counters)."""
+
+    stats_signal = signal.SIGUSR2
 
     def __init__(self, binary, mode, args=(), env=None, wrapper=()):
         self.mode = mode
@@ -267,8 +270,11 @@ def test_reply_after_disconnect(start, build):
     c.shutdown()
     close(c)
 
-    # Every held op has been answered by now and every connection closed.
-    time.sleep(max(0.0, t_gone + 1.3 - time.monotonic()))
+    # Every held op gets answered (~1 s after A left) and every
+    # connection closed.
+    srv.wait_stats(lambda st: st["in_flight"] == 0 and st["connections"] == 0, 10,
+                   "every held op answered and every connection closed")
+    assert time.monotonic() - t_gone >= 0.9, "A's ops were not held"
     srv.wait_for(lambda: srv.count("close ") == srv.count("open ") >= 3, 10,
                  "every plugin handle to be closed")
     assert srv.proc.poll() is None
@@ -313,7 +319,8 @@ def test_lent_reads_come_back(start, build):
         gone.aio_pread(b, o)
     srv.wait_ops(3 * len(offsets))
     close(gone)
-    time.sleep(0.5)  # the held reads are answered into the void
+    srv.wait_stats(lambda st: st["in_flight"] == 0, 10,
+                   "the held reads to be answered into the void")
 
     srv.stop()
     srv.assert_clean_exit()
@@ -452,9 +459,10 @@ def test_double_reply(start, build):
         assert all(err is None for _, err in results.values()), results
         for i, b in enumerate(bufs):
             assert b.to_bytearray() == pattern(40 * MiB + i * 5 * KiB, 2 * KiB), i
-        # Let the late second answers arrive, then prove the connection is
-        # still in step: a stray reply would have broken it.
-        time.sleep(0.1)
+        # Once every op was answered a second time, prove the connection
+        # is still in step: a stray reply would have broken it.
+        srv.wait_for(lambda: srv.count("answered again ") >= srv.count("op "), 10,
+                     "every op to be answered again")
         assert h.pread(4 * KiB, base + 16 * KiB) == noise(tag * 50 + 2, 4 * KiB)
         assert h.aio_in_flight() == 0
         h.shutdown()

@@ -19,6 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cpp"))
 import procs  # noqa: E402
+from support import poll_until_any_completed, wait_until_consumed  # noqa: E402
 
 # ASIO_GATEWAY=path runs these tests against another build (say, with a
 # sanitizer).
@@ -212,8 +213,7 @@ def test_upstream_killed_mid_load_then_back(ps):
 
     bufs = [nbd.Buffer(BLOCK) for _ in range(1000)]
     cookies = [h.aio_pread(b, i * BLOCK) for i, b in enumerate(bufs)]
-    h.poll(0)
-    time.sleep(0.05)                     # some answered, most in flight
+    poll_until_any_completed(h)     # some answered, most in flight
     up.kill()
     drain(h, 10, "after the upstream died")
     failed = 0
@@ -324,8 +324,7 @@ def test_shutdown_answers_requests_in_flight_first(ps):
     h.pwrite(b"s" * BLOCK, 0)
     bufs = [nbd.Buffer(BLOCK) for _ in range(16)]
     cookies = [h.aio_pread(b, 0) for b in bufs]
-    h.poll(0)
-    time.sleep(0.05)
+    wait_until_consumed(h)          # the gateway has read them all
     gw.proc.send_signal(signal.SIGTERM)
     drain(h, 5)
     for c, b in zip(cookies, bufs):

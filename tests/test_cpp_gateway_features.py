@@ -25,6 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cpp"))
 import procs  # noqa: E402
+from support import poll_until_any_completed  # noqa: E402
 from support import make_ca, make_leaf, openssl  # noqa: E402
 
 GATEWAY = Path(os.environ.get("ASIO_GATEWAY", procs.BUILD / "asio-gateway"))
@@ -401,8 +402,7 @@ def test_tls_upstream_killed_mid_load_then_back(ps, certs):
     h = connect(gw.uri)
     bufs = [nbd.Buffer(4096) for _ in range(300)]
     cookies = [h.aio_pread(b, i * 4096) for i, b in enumerate(bufs)]
-    h.poll(0)
-    time.sleep(0.05)
+    poll_until_any_completed(h)     # some answered, most in flight
     up.kill()
     deadline = time.monotonic() + 10
     while h.aio_in_flight() > 0:

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cpp"))
 import procs  # noqa: E402
+from support import wait_until_consumed  # noqa: E402
 
 MEMDISK = Path(os.environ.get("ASIO_MEMDISK", procs.BUILD / "asio-memdisk"))
 MiB = 1 << 20
@@ -104,8 +105,7 @@ def test_shutdown_waits_for_requests_in_flight(ps):
     h.pwrite(b"w" * 4096, 0)
     bufs = [nbd.Buffer(4096) for _ in range(20)]
     cookies = [h.aio_pread(b, 0) for b in bufs]
-    h.poll(0)                       # get the requests onto the wire
-    time.sleep(0.1)
+    wait_until_consumed(h)          # the server has read them all
     srv.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 5
     while h.aio_in_flight() > 0:

@@ -21,6 +21,7 @@ once listening and "op KIND OFFSET COUNT" for every I/O callback.
 
 import errno
 import os
+import select
 import signal
 import socket
 import struct
@@ -31,8 +32,8 @@ import pytest
 
 import nbd
 
-from conftest import (CMD_WRITE, IHAVEOPT, OPT_REPLY_MAGIC, REP_ACK,
-                      REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, RawNBD)
+from nbdwire import (C_FLAGS, CMD_READ, CMD_WRITE, OPT_INFO, OPT_LIST,
+                     REP_ACK, REP_ERR_SHUTDOWN, Client, Sender, go_data, option_bytes)
 from support import (C_DIR, HarnessProcess, compile_c_harness, noise, pattern,
                      proc_status, wait_aio)
 from support import close_abruptly as close
@@ -44,8 +45,6 @@ HELD = 32 * MiB     # cancel mode holds reads/writes/trims/zeroes from here on
 
 BAD_MARKS = ("ERROR: AddressSanitizer", "LeakSanitizer", "HARNESS-ERROR",
              "panicked", "internal error")
-LATE_REPLY = "late reply after the client was answered; ignored"   # debug
-TIMED_OUT = "no reply from the plugin in time"
 DOUBLE_REPLY = "second reply to"
 UNKNOWN_REPLY = "unknown op handle"
 
@@ -59,7 +58,10 @@ def harness_bin(tmp_path_factory):
 
 
 class Harness(HarnessProcess):
-    """One api_harness process on a Unix socket in a private tmp dir."""
+    """One api_harness process on a Unix socket in a private tmp dir
+    (SIGUSR1 releases held ops, SIGUSR2 prints the server's counters)."""
+
+    stats_signal = signal.SIGUSR2
 
     def __init__(self, binary, mode, args=(), env=None):
         super().__init__(binary, args, before=("--mode", mode), prefix="nbdka-f-",
@@ -121,50 +123,20 @@ def assert_all(results, want, what):
     assert not bad, "%s: expected %s for every command, got %s" % (what, errname(want), bad)
 
 
-# raw protocol, for the memory-cap tests (libnbd does not let a client
-# pipeline beyond what the server reads)
+# raw protocol (nbdwire), for the memory-cap tests: libnbd does not let a
+# client pipeline beyond what the server reads
 
-class Raw(RawNBD):
-    """conftest's blocking fixed-newstyle client with simple replies, past
-    NBD_OPT_GO."""
-
-    def __init__(self, path, timeout=10.0):
-        super().__init__(path, timeout)
-        rtype = self.go()
-        assert rtype == REP_ACK, hex(rtype)
-
-    def recv(self, n):
-        return self.recv_exact(n)
-
-    def write_header(self, cookie, offset, length):
-        return struct.pack(">IHHQQI", REQUEST_MAGIC, 0, CMD_WRITE, cookie, offset, length)
-
-    def replies(self, n):
-        out = {}
-        for _ in range(n):
-            magic, error, cookie = struct.unpack(">IIQ", self.recv(16))
-            assert magic == SIMPLE_REPLY_MAGIC, hex(magic)
-            assert cookie not in out, "two replies for cookie %d" % cookie
-            out[cookie] = error
-        return out
+def raw(srv):
+    """A raw client past NBD_OPT_GO, simple replies."""
+    return Client(path=srv.sock).connect()
 
 
-class Sender(threading.Thread):
-    """sendall() in the background: the server may stop reading."""
-
-    def __init__(self, sock, data):
-        super().__init__(daemon=True)
-        self.sock, self.data, self.error = sock, data, None
-
-    def run(self):
-        try:
-            self.sock.sendall(self.data)
-        except OSError as e:
-            self.error = e
-
-
-def settled(srv, timeout=8, quiet=0.4):
-    """Waits until the plugin's op count stops changing; returns it."""
+def settled(srv, at_least, timeout=8, quiet=0.4):
+    """Waits until at least `at_least` ops reached the plugin (the case is
+    exercised), then until their count stops changing; returns it. The
+    quiet window is deliberate: it is the time given to the server to take
+    in more than its cap allows, which must not happen."""
+    srv.wait_ops(at_least, timeout)
     deadline = time.monotonic() + timeout
     last, since = srv.ops(), time.monotonic()
     while time.monotonic() < deadline:
@@ -181,12 +153,13 @@ def settled(srv, timeout=8, quiet=0.4):
 
 def test_request_timeout_and_late_reply(start):
     """--request-timeout-ms 300 on a plugin that sits on every op: each
-    client gets EIO after ~0.3 s; the plugin's late replies (SIGUSR1
-    releases them) are logged and ignored, never reach the clients, and the
-    write buffers stay valid until then (ASan). The connections stay in
-    step and are served normally afterwards."""
-    srv = start("never-reply", "--request-timeout-ms", "300",
-                env={"NBDKIT_ASYNC_LOG": "debug"})   # late replies log at debug
+    client gets EIO after ~0.3 s (the server counts each as an error); the
+    plugin's late replies (SIGUSR1 releases them) are taken back (the
+    server's in-flight count drops to 0) and ignored: they never reach the
+    clients, count no error, and the write buffers stay valid until then
+    (ASan). The connections stay in step and are served normally
+    afterwards."""
+    srv = start("never-reply", "--request-timeout-ms", "300")
     h1 = srv.connect(structured=True)
     h2 = srv.connect(structured=False)
     h3 = srv.connect()
@@ -216,14 +189,15 @@ def test_request_timeout_and_late_reply(start):
         # ~300 ms: the slack covers the time to issue the ops and ASan.
     # h3 goes away while its op is still held by the plugin.
     close(h3)
-    srv.wait_for(lambda: srv.err().count(TIMED_OUT) >= n_ops, 5,
-                 "%d timeout warnings" % n_ops)
+    st = srv.stats()
+    assert st["errors"] == n_ops and st["in_flight"] == n_ops, (st, srv.report())
     assert srv.ops() == n_ops, srv.report()
 
-    # The plugin answers now, far too late: logged, ignored, no stray reply.
+    # The plugin answers now, far too late: taken back, ignored, no stray reply.
     srv.send(signal.SIGUSR1)
-    srv.wait_for(lambda: srv.err().count(LATE_REPLY) >= n_ops, 10,
-                 "%d late replies to be logged" % n_ops)
+    st = srv.wait_stats(lambda st: st["in_flight"] == 0, 10,
+                        "the plugin's %d late replies to be taken back" % n_ops)
+    assert st["errors"] == n_ops, (st, srv.report())
     assert h1.aio_in_flight() == 0 and h2.aio_in_flight() == 0
     # The late write went through a buffer the library kept alive.
     assert h1.pread(len(late_data), 2 * MiB) == late_data
@@ -233,11 +207,15 @@ def test_request_timeout_and_late_reply(start):
     h2.pwrite(fresh, 9 * MiB)
     assert h1.pread(len(fresh), 9 * MiB) == fresh
     # Prompt replies leave their (still armed) deadlines behind: once
-    # those pass, nothing happens to the connection.
+    # those pass, nothing happens to the connection. (The sleep is the
+    # case: 0.4 s lets every 300 ms deadline of those replies pass.)
+    before = srv.stats()
     time.sleep(0.4)
     h1.flush()
     assert h2.pread(len(fresh), 9 * MiB) == fresh
-    assert srv.err().count(TIMED_OUT) == n_ops, srv.report()
+    st = srv.stats()
+    assert st["errors"] == before["errors"] == n_ops, (before, st, srv.report())
+    assert sum(st["requests"]) == sum(before["requests"]) + 2, (before, st)
     for h in (h1, h2):
         h.shutdown()
         close(h)
@@ -369,16 +347,9 @@ def test_shutdown_drains_1000_ops_in_flight(start):
     srv = start("shutdown", "--shutdown-after", "1000000")
     h1 = srv.connect(structured=True)
     h2 = srv.connect(structured=False)
-    negotiating = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    negotiating.settimeout(10)
-    negotiating.connect(srv.sock)
+    negotiating = Client(path=srv.sock)
     try:
-        greeting = b""
-        while len(greeting) < 18:
-            chunk = negotiating.recv(18 - len(greeting))
-            assert chunk, "no greeting"
-            greeting += chunk
-        negotiating.sendall(struct.pack(">I", 3))
+        negotiating.start()
 
         bufs, cookies, checks = [], {h1: [], h2: []}, []
         for i in range(1000):
@@ -402,22 +373,17 @@ def test_shutdown_drains_1000_ops_in_flight(start):
         # A client still negotiating: its next option is refused with
         # NBD_REP_ERR_SHUTDOWN once the loop has seen the shutdown (the
         # plugin holds the ops for 300 ms more, so the loop is still there).
+        # (A wait on a condition: the option is asked again every 20 ms,
+        # up to 0.25 s, until the answer is NBD_REP_ERR_SHUTDOWN.)
         seen = []
         deadline = time.monotonic() + 0.25
         while True:
-            negotiating.sendall(struct.pack(">QII", IHAVEOPT, 3, 0))  # NBD_OPT_LIST
-            while True:
-                magic, opt, rtype, n = struct.unpack(">QIII", negotiating.recv(20, socket.MSG_WAITALL))
-                assert (magic, opt) == (OPT_REPLY_MAGIC, 3)
-                if n:
-                    negotiating.recv(n, socket.MSG_WAITALL)
-                if rtype != 2:          # not NBD_REP_SERVER: final
-                    break
-            seen.append(rtype)
-            if rtype != REP_ACK or time.monotonic() > deadline:
+            negotiating.option(OPT_LIST)
+            seen.append(negotiating.final_reply(OPT_LIST))
+            if seen[-1] != REP_ACK or time.monotonic() > deadline:
                 break
             time.sleep(0.02)            # the loop has not seen the shutdown yet
-        assert seen[-1] == (1 << 31) + 7, "expected NBD_REP_ERR_SHUTDOWN, got %s" % [hex(r) for r in seen]
+        assert seen[-1] == REP_ERR_SHUTDOWN, "expected NBD_REP_ERR_SHUTDOWN, got %s" % [hex(r) for r in seen]
 
         for h in (h1, h2):
             assert_all(wait_aio(h, cookies[h], 20), None, "drained ops")
@@ -522,18 +488,19 @@ def test_per_connection_memory_cap(start):
     request) into the plugin, then the server stops reading it; the other
     writes are not lost: once the plugin answers, all ten succeed."""
     srv = start("never-reply", "--memory-limits", "8M:1G")
-    c = Raw(srv.sock)
+    c = raw(srv)
     try:
         payload = noise(3, 2 * MiB)
-        data = b"".join(c.write_header(i + 1, i * 2 * MiB, 2 * MiB) + payload for i in range(10))
+        data = b"".join(c.request_bytes(CMD_WRITE, i * 2 * MiB, 2 * MiB, payload=payload)
+                        for i in range(10))
         sender = Sender(c.s, data)
         sender.start()
-        held = settled(srv)
+        held = settled(srv, 4)
         assert 4 <= held <= 5, "the plugin got %d 2-MiB writes past an 8 MiB cap\n%s" % (held, srv.report())
 
         # Another client is not affected by this connection's cap.
-        other = Raw(srv.sock)
-        other.s.sendall(other.write_header(99, 40 * MiB, 4096) + b"x" * 4096)
+        other = raw(srv)
+        other.send(other.request_bytes(CMD_WRITE, 40 * MiB, 4096, payload=b"x" * 4096, cookie=99))
         srv.wait_ops(held + 1, timeout=5)
         srv.send(signal.SIGUSR1)
         assert other.replies(1) == {99: 0}
@@ -585,19 +552,17 @@ def test_total_memory_cap_one_connection(start):
     most 8 MiB + one request of them; the rest wait, and all 64 succeed
     once the plugin answers."""
     srv = start("never-reply", "--memory-limits", "256M:8M")
-    c = Raw(srv.sock)
+    c = raw(srv)
     try:
-        reqs = b"".join(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 0, i + 1, i * MiB, MiB)
-                        for i in range(64))
-        c.s.sendall(reqs)
-        held = settled(srv)
+        reqs = b"".join(c.request_bytes(CMD_READ, i * MiB, MiB) for i in range(64))
+        c.send(reqs)
+        held = settled(srv, 8)
         srv.send(signal.SIGUSR1)
         got = {}
         for _ in range(64):
-            magic, error, cookie = struct.unpack(">IIQ", c.recv(16))
-            assert magic == SIMPLE_REPLY_MAGIC and error == 0, (magic, error)
-            off = (cookie - 1) * MiB
-            assert c.recv(MiB) == pattern(off, MiB), cookie
+            cookie, error, data = c.reply()
+            assert error == 0, (cookie, error)
+            assert data == pattern((cookie - 1) * MiB, MiB), cookie
             got[cookie] = error
         assert sorted(got) == list(range(1, 65))
         assert held <= 8 + 1, (
@@ -621,15 +586,21 @@ def test_total_memory_cap_many_connections(start):
     try:
         payload = noise(4, 2 * MiB)
         for k in range(6):
-            c = Raw(srv.sock)
+            c = raw(srv)
             conns.append(c)
-            data = b"".join(c.write_header(i + 1, (k * 4 + i) * 2 * MiB, 2 * MiB) + payload
-                            for i in range(4))
+            data = b"".join(c.request_bytes(CMD_WRITE, (k * 4 + i) * 2 * MiB, 2 * MiB,
+                                            payload=payload) for i in range(4))
             s = Sender(c.s, data)
             s.start()
             senders.append(s)
-            time.sleep(0.05)
-        held = settled(srv)
+            # One connection after the other, each once the previous one
+            # got in what the caps let it: the first fills the 8 MiB total
+            # with four writes, the second (holding nothing) may start one
+            # more, the rest get nothing. (Payloads started at once would
+            # all be received to their ends: a bound of one request more
+            # than the cap holds for connections that start one by one.)
+            srv.wait_ops(min(4 * (k + 1), 5))
+        held = settled(srv, 5)
         srv.send(signal.SIGUSR1)
         for c in conns:
             assert c.replies(4) == {i: 0 for i in range(1, 5)}
@@ -662,20 +633,21 @@ def _ten_reads_seconds(srv):
 
 
 def test_handshake_timeout_gives_back_memory_budget(start):
-    """Clients that pile up unread option replies (NBD_OPT_INFO asking for
-    NBD_INFO_NAME 8,000 times) until their per-connection cap, then are cut
-    by the handshake timeout: their memory is freed, so the total budget
-    (--memory-limits 4M:8M) must be available again. A later client's 10
-    concurrent reads (each held 200 ms by the plugin) run in parallel, as
-    before (~0.2 s), not one at a time (~2 s) as over budget."""
+    """Clients that pile up unread option replies (NBD_OPT_INFO for an
+    unknown 4096-byte export name, answered with an error that echoes the
+    name: 4 KiB a reply, a thousand of them), then are cut by the handshake
+    timeout: their memory is freed, so the total budget (--memory-limits
+    4M:8M) must be available again. A later client's 10 concurrent reads
+    (each held 200 ms by the plugin) run in parallel, as before (~0.2 s),
+    not one at a time (~2 s) as over budget."""
     srv = start("after-disconnect", "--hold-ms", "200", "--memory-limits", "4M:8M",
                 "--handshake-timeout-ms", "1000")
     before = _ten_reads_seconds(srv)
     assert before < 1.0, "10 concurrent reads took %.2fs on a fresh server" % before
 
-    n = 8000
-    info = struct.pack(">IH", 0, n) + struct.pack(">H", 1) * n
-    opt = struct.pack(">QII", IHAVEOPT, 6, len(info)) + info       # NBD_OPT_INFO
+    opt = option_bytes(OPT_INFO, go_data(b"x" * 4096))
+    data = struct.pack(">I", C_FLAGS) + opt * 1000     # under the 1,024 options
+    rss0 = srv.rss_kib()
     hostile = []
     try:
         for _ in range(3):
@@ -683,18 +655,30 @@ def test_handshake_timeout_gives_back_memory_budget(start):
             hostile.append(s)
             s.connect(srv.sock)
             s.setblocking(False)
-            data = struct.pack(">I", 3) + opt * 40
-            sent, t0 = 0, time.monotonic()
-            while sent < len(data) and time.monotonic() - t0 < 0.5:
-                try:
-                    sent += s.send(data[sent:])
-                except BlockingIOError:
-                    time.sleep(0.01)
-        time.sleep(1.6)         # the handshake timeout cuts all three
+            # Sends it all, waiting on writability (up to 0.5 s) whenever
+            # the socket is full.
+            sent, deadline = 0, time.monotonic() + 0.5
+            while sent < len(data):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if select.select([], [s], [], left)[1]:
+                    try:
+                        sent += s.send(data[sent:])
+                    except BlockingIOError:
+                        pass
+        # The replies nobody reads are held by the server (~4 MB a client).
+        grown = (srv.rss_kib() - rss0) // 1024
+        assert grown >= 6, (
+            "three clients that read none of their ~4 MB of option replies "
+            "made the server hold only %d MiB\n%s" % (grown, srv.report()))
+        # The handshake timeout cuts all three: the server counts no
+        # connection any more while they are still open on this side.
+        srv.wait_stats(lambda st: st["connections"] == 0, 5,
+                       "the handshake timeout to cut the three clients")
     finally:
         for s in hostile:
             s.close()
-    time.sleep(0.1)
     after = _ten_reads_seconds(srv)
     assert after < 1.0, (
         "after three clients were cut by the handshake timeout, 10 concurrent "
@@ -720,17 +704,35 @@ def test_total_memory_cap_partial_payloads(start):
         base = srv.rss_kib()
         chunk = b"\x5a" * (30 * MiB)
         for k in range(8):
-            c = Raw(srv.sock)
+            c = raw(srv)
             conns.append(c)
-            s = Sender(c.s, c.write_header(1, k * 4 * MiB, 32 * MiB) + chunk)
+            s = Sender(c.s, c.request_bytes(CMD_WRITE, k * 4 * MiB, 32 * MiB) + chunk)
             s.start()
             senders.append(s)
+        # Waits until the payloads the server started are all in (their
+        # senders are done) and nothing more moves: the quiet window is the
+        # time given to the server to take in more than the caps allow.
+        srv.wait_for(lambda: any(not s.is_alive() for s in senders), 10,
+                     "a stalled WRITE's 30 MiB to be taken in")
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(s.is_alive() for s in senders):
-            time.sleep(0.05)
-        time.sleep(0.3)
+        last, since = None, time.monotonic()
+        while time.monotonic() < deadline:
+            now = (sum(not s.is_alive() for s in senders), srv.rss_kib() // 1024)
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= 0.3:
+                break
+            time.sleep(0.02)
+        done = sum(not s.is_alive() for s in senders)
         grown = (srv.rss_kib() - base) // 1024
-        # The healthy client check: the server still answers.
+        assert grown >= 30, (
+            "%d payloads of 30 MiB were taken in, but the server holds only "
+            "%d MiB more\n%s" % (done, grown, srv.report()))
+        # The healthy client check: the server still answers. Not before
+        # the library let go of the turn past the cap that a connection
+        # stalled mid-WRITE holds (1 s): a client arriving before then
+        # starves (test_client_arriving_during_a_stalled_turn_is_served).
+        time.sleep(1.2)
         h = srv.connect()
         assert h.pread(4 * KiB, 0) == pattern(0, 4 * KiB)
         h.shutdown()
@@ -744,3 +746,35 @@ def test_total_memory_cap_partial_payloads(start):
     srv.send(signal.SIGTERM)
     assert srv.wait_exit(15) == 0, srv.report()
     srv.assert_clean_exit()
+
+
+def test_client_arriving_during_a_stalled_turn_is_served(start):
+    """--memory-limits 256M:16M: eight connections each send a WRITE header
+    for 32 MiB and 30 MiB of its payload, then stall. A client that holds
+    nothing arriving right then must still be served ("no client
+    starves"): the turn past the cap passes on after 1 s of stalling, and
+    the paused connections are woken to take it, so it is served once the
+    stalled writers ahead of it had theirs (at most 8 s here). Before,
+    it was never woken."""
+    srv = start("thread", "--memory-limits", "256M:16M")
+    conns, senders = [], []
+    try:
+        chunk = b"\x5a" * (30 * MiB)
+        for k in range(8):
+            c = raw(srv)
+            conns.append(c)
+            s = Sender(c.s, c.request_bytes(CMD_WRITE, k * 4 * MiB, 32 * MiB) + chunk)
+            s.start()
+            senders.append(s)
+        srv.wait_for(lambda: any(not s.is_alive() for s in senders), 10,
+                     "a stalled WRITE's 30 MiB to be taken in")
+        h = srv.connect()
+        try:
+            done = wait_aio(h, [h.aio_pread(nbd.Buffer(4 * KiB), 0)], 15)
+            assert all(err is None for _, err in done.values()), done
+        finally:
+            close(h)
+    finally:
+        for c in conns:
+            c.close()
+        srv.kill()

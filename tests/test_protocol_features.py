@@ -32,8 +32,9 @@ from pathlib import Path
 import nbd
 import pytest
 
-from conftest import (CMD_READ, NBD_EINVAL, OPT_GO, REP_ACK, REP_ERR_UNKNOWN,
-                      REP_INFO, run_tool)
+from conftest import run_tool
+from nbdwire import (CMD_READ, INFO_BLOCK_SIZE, INFO_EXPORT, NBD_EINVAL, REP_ACK,
+                     REP_ERR_BLOCK_SIZE_REQD, REP_ERR_UNKNOWN)
 from support import C_DIR, HarnessProcess, compile_c_harness, stop_all
 
 SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "HARNESS-ERROR",
@@ -46,9 +47,6 @@ U32_MAX = (1 << 32) - 1
 HOLE_ZERO = nbd.STATE_HOLE | nbd.STATE_ZERO     # 3: how holes are reported
 MAX_DESCRIPTORS = 65536                         # per reply (header doc)
 
-REP_ERR_BLOCK_SIZE_REQD = (1 << 31) + 8
-INFO_EXPORT = 0
-INFO_BLOCK_SIZE = 3
 
 # The harness: 5 GiB, [0, 1 MiB) data reading (offset % 251) + 1, the
 # rest a hole reading as zeroes.
@@ -565,7 +563,7 @@ def test_memdisk_exports_listed_and_separate(memdisk, raw_nbd):
     assert c.go(b"nosuch") == REP_ERR_UNKNOWN
     assert c.go(b"b") == REP_ACK, "handshake did not go on after an unknown export"
     assert c.size == 16 * MiB
-    err, data = c.request(CMD_READ, 0, 4096)
+    err, data = c.call(CMD_READ, 0, 4096)
     assert (err, data) == (0, b"B" * 4096)
     assert srv.alive()
     h = connect(srv.uri_for("c"))
@@ -842,18 +840,8 @@ def test_block_size_info_and_misaligned_requests(memdisk, harness):
 
 
 def _raw_go(c, name, infos=()):
-    data = (struct.pack(">I", len(name)) + name + struct.pack(">H", len(infos)) +
-            b"".join(struct.pack(">H", i) for i in infos))
-    c.send_option(OPT_GO, data)
-    got = {}
-    while True:
-        opt, rtype, payload = c.recv_option_reply()
-        assert opt == OPT_GO, opt
-        if rtype == REP_INFO:
-            (kind,) = struct.unpack(">H", payload[:2])
-            got[kind] = payload[2:]
-            continue
-        return rtype, got
+    rtype = c.go(name, infos)
+    return rtype, c.infos
 
 
 def test_block_size_required_at_go(harness, raw_nbd):
@@ -870,14 +858,14 @@ def test_block_size_required_at_go(harness, raw_nbd):
     assert struct.unpack(">III", infos[INFO_BLOCK_SIZE]) == (512, 4096, 64 * KiB)
     size, _ = struct.unpack(">QH", infos[INFO_EXPORT])
     assert size == HARNESS_SIZE
-    assert c.request(CMD_READ, 512, 512) == (0, harness_bytes(512, 512))
-    assert c.request(CMD_READ, 100, 512)[0] == NBD_EINVAL
-    assert c.request(CMD_READ, 0, 512) == (0, harness_bytes(0, 512))
+    assert c.call(CMD_READ, 512, 512) == (0, harness_bytes(512, 512))
+    assert c.call(CMD_READ, 100, 512)[0] == NBD_EINVAL
+    assert c.call(CMD_READ, 0, 512) == (0, harness_bytes(0, 512))
 
     # An export without constraints needs no block-size request.
     c2 = raw_nbd(s.sock)
     assert _raw_go(c2, b"good")[0] == REP_ACK
-    assert c2.request(CMD_READ, 1, 3) == (0, harness_bytes(1, 3))
+    assert c2.call(CMD_READ, 1, 3) == (0, harness_bytes(1, 3))
     assert "HARNESS-ERROR" not in s.err(), s.report()
 
 

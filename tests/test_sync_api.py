@@ -26,7 +26,6 @@ import os
 import signal
 import socket
 import threading
-import time
 
 import nbd
 import pytest
@@ -35,6 +34,7 @@ import support
 from support import (C_DIR, HarnessProcess, compile_c_harness, noise, pattern,
                      proc_status)
 from support import close_politely as close
+from nbdwire import CMD_READ, Client
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -68,7 +68,7 @@ class Harness(HarnessProcess):
         # NBDKIT_ASYNC_LOG=debug unless set: per connection, not per request
         super().__init__(binary, args, before=("--model", model), prefix="nbdka-sync-",
                          env={"NBDKIT_ASYNC_LOG": os.environ.get("NBDKIT_ASYNC_LOG", "debug")})
-        self.stats = None
+        self.final_stats = None
 
     @property
     def uri(self):
@@ -90,13 +90,15 @@ class Harness(HarnessProcess):
         self.assert_exit_ok(SANITIZER_MARKS)
         stats = {}
         for line in self.out().splitlines()[1:]:
+            if line.startswith("STATS "):      # counters printed on SIGUSR1
+                continue
             key, _, value = line.rpartition(" ")
             stats[key] = int(value)
         assert stats.get("main_loop returned") == 0, self.report()
         for key in ("max_global", "max_per_handle", "max_open", "opens", "closes", "calls"):
             assert key in stats, "no %r line\n%s" % (key, self.report())
         assert stats["opens"] == stats["closes"], self.report()
-        self.stats = stats
+        self.final_stats = stats
         return stats
 
 
@@ -277,7 +279,8 @@ def test_serialize_connections(start):
         bufs = [nbd.Buffer(4 * KiB) for _ in range(12)]
         cookies = [a.aio_pread(buf, i * 4 * KiB) for i, buf in enumerate(bufs)]
         waiter = Connector(srv)
-        time.sleep(0.5)
+        srv.wait_stats(lambda st: st["connections_total"] == 2, IO_TIMEOUT,
+                       "the server to accept (and queue) the second client")
         assert not waiter.done.is_set(), (
             "second client completed its handshake while the first is connected "
             "(error: %r)\n%s" % (waiter.error, srv.report()))
@@ -285,7 +288,6 @@ def test_serialize_connections(start):
         assert all(e is None for e in results.values()), results
         assert all(buf.to_bytearray() == pattern(i * 4 * KiB, 4 * KiB) for i, buf in enumerate(bufs))
         burst(a, 0, 12)              # A is fully served meanwhile
-        time.sleep(0.2)
         assert not waiter.done.is_set(), "second client greeted while the first is connected\n" + srv.report()
 
         close(a)
@@ -314,21 +316,25 @@ def test_serialize_connections_waiter_gives_up(start):
         quitter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         quitter.settimeout(5)
         quitter.connect(srv.sock)
-        time.sleep(0.2)               # accepted (and queued) before B
-        waiter = Connector(srv)
-        time.sleep(0.3)
+        srv.wait_stats(lambda st: st["connections_total"] == 2, IO_TIMEOUT,
+                       "the quitter to be accepted (and queued) before B")
+        waiter = Client(path=srv.sock)
+        srv.wait_stats(lambda st: st["connections_total"] == 3, IO_TIMEOUT,
+                       "B to be accepted (and queued)")
         quitter.close()
-        time.sleep(0.3)
-        assert not waiter.done.is_set(), "client greeted while the first is connected\n" + srv.report()
+        # (A queued client is not watched: the server finds the quitter
+        # gone only when its turn comes.) A round trip on A: a greeting
+        # for B sent early would be waiting by now.
         assert a.pread(512, 0) == pattern(0, 512)
+        assert not waiter.greeted(), "client greeted while the first is connected\n" + srv.report()
         close(a)
-        b = waiter.wait(10)
-        assert waiter.error is None, "queued client failed: %r\n%s" % (waiter.error, srv.report())
-        assert b.pread(512, 512) == pattern(512, 512)
+        waiter.connect()
+        assert waiter.call(CMD_READ, 512, 512) == (0, pattern(512, 512))
+        b = waiter
     finally:
         close(a)
         if b is not None:
-            close(b)
+            b.close()
     st = srv.stop()
     assert st["max_open"] == 1, srv.report()
 
@@ -341,7 +347,8 @@ def test_serialize_connections_shutdown_with_queued_client(start):
     try:
         assert a.pread(512, 0) == pattern(0, 512)
         waiter = Connector(srv)
-        time.sleep(0.3)
+        srv.wait_stats(lambda st: st["connections_total"] == 2, IO_TIMEOUT,
+                       "the server to accept (and queue) the second client")
         assert not waiter.done.is_set(), srv.report()
         st = srv.stop()
         waiter.wait(10)
@@ -442,15 +449,17 @@ def test_client_vanishes_with_ops_in_flight(start, model):
         for i, buf in enumerate(bufs):
             h.aio_pread(buf, i * 4 * KiB)
         h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(noise(9, 4 * KiB))), 12 * MiB)
-        time.sleep(0.15)                    # some running, the rest queued
+        # All 13 taken in by the server: 4 running (or 1 in
+        # serialize-all-requests), the rest queued.
+        st = srv.wait_stats(lambda st: st["requests"][0] == 12 and st["requests"][1] == 1,
+                            IO_TIMEOUT, "the 13 requests to reach the server")
+        assert st["in_flight"] > 0, st
         h.__del__()                          # nbd_close: just hang up
         del h._o
         other = connect(srv)
         assert other.pread(4 * KiB, 8 * MiB) == pattern(8 * MiB, 4 * KiB)
-        deadline = time.monotonic() + IO_TIMEOUT
-        while srv.err().count("finished") < 1:
-            assert time.monotonic() < deadline, "vanished client's connection never finished\n" + srv.report()
-            time.sleep(0.02)
+        srv.wait_stats(lambda st: st["connections"] == 1 and st["in_flight"] == 0, IO_TIMEOUT,
+                       "the vanished client's connection to finish")
     finally:
         close(h)
         if other is not None:
@@ -468,7 +477,10 @@ def test_sigterm_with_ops_in_flight(start):
     try:
         bufs = [nbd.Buffer(4 * KiB) for _ in range(8)]
         cookies = [h.aio_pread(buf, MiB + i * 4 * KiB) for i, buf in enumerate(bufs)]
-        time.sleep(0.3)                     # all read; 4 done or running, 4 queued
+        # All read by the server (2 running, the rest queued) before SIGTERM.
+        st = srv.wait_stats(lambda st: st["requests"][0] == 8, IO_TIMEOUT,
+                            "the 8 reads to reach the server")
+        assert st["in_flight"] > 0, st
         st = srv.stop()
         assert st["calls"] == 8, srv.report()
         results = wait_aio(h, cookies, timeout=5)

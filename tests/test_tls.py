@@ -10,7 +10,7 @@ Everything runs against real servers and real clients:
     whose `open` reads nbdkit_tls_peer_certificate, prints the SHA-256
     fingerprint it saw and refuses fingerprints not on an allow list;
   * clients: nbdinfo, nbdsh, nbdcopy, libnbd's Python binding, qemu-img,
-    qemu-io, and a raw NBD client (conftest.RawNBD) whose socket is
+    qemu-io, and a raw NBD client (nbdwire.Client) whose socket is
     wrapped by Python's ssl module after STARTTLS, for what the tools
     cannot show (exact option replies, simple versus structured replies,
     stalled or garbage handshakes).
@@ -42,10 +42,15 @@ from types import SimpleNamespace
 import nbd
 import pytest
 
-from conftest import memdisk_factory
-from conftest import (CMD_READ, IHAVEOPT, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO,
-                      OPT_LIST, REP_ACK, REP_ERR_UNSUP, REP_INFO, REP_SERVER,
-                      SIMPLE_REPLY_MAGIC, RawNBD, run_tool)
+from conftest import memdisk_factory, run_tool
+from nbdwire import (CMD_BLOCK_STATUS, CMD_READ, FLAG_HAS_FLAGS, FLAG_SEND_DF,
+                     NBD_EINVAL, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO,
+                     OPT_LIST, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT,
+                     OPT_STARTTLS, OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_INVALID,
+                     REP_ERR_POLICY, REP_ERR_TLS_REQD, REP_ERR_UNSUP,
+                     REP_META_CONTEXT, REP_SERVER, REPLY_TYPE_ERROR,
+                     REPLY_TYPE_OFFSET_DATA, Client, go_data, meta_data,
+                     option_bytes, still_open, wait_closed)
 from support import C_DIR, ROOT, HarnessProcess, compile_c_harness, make_ca, make_leaf, openssl, stop_all
 
 MEMDISK_BIN = ROOT / "build" / "memdisk"
@@ -54,29 +59,6 @@ SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "HARNESS-ERROR",
 
 KiB = 1 << 10
 MiB = 1 << 20
-
-OPT_STARTTLS = 5
-OPT_INFO = 6
-OPT_STRUCTURED_REPLY = 8
-OPT_LIST_META_CONTEXT = 9
-OPT_SET_META_CONTEXT = 10
-
-REP_META_CONTEXT = 4
-REP_ERR_POLICY = (1 << 31) + 2
-REP_ERR_INVALID = (1 << 31) + 3
-REP_ERR_TLS_REQD = (1 << 31) + 5
-
-STRUCTURED_REPLY_MAGIC = 0x668E33EF
-REPLY_FLAG_DONE = 1
-REPLY_TYPE_NONE = 0
-REPLY_TYPE_OFFSET_DATA = 1
-REPLY_TYPE_ERROR = (1 << 15) + 1
-
-CMD_BLOCK_STATUS = 7
-NBD_EINVAL = 22
-
-FLAG_HAS_FLAGS = 1 << 0
-FLAG_SEND_DF = 1 << 7
 
 SOCK_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT_MS = 1000
@@ -218,116 +200,29 @@ def client_ctx(certs, pair=None, max_version=None):
     return ctx
 
 
-def raw_option(c, opt, data=b""):
-    """Send one option and return every reply to it up to the final one:
-    [(type, data), ...]."""
-    c.send_option(opt, data)
-    replies = []
-    while True:
-        got, rtype, payload = c.recv_option_reply()
-        assert got == opt, f"reply for option {got}, sent {opt}"
-        replies.append((rtype, payload))
-        if rtype not in (REP_SERVER, REP_INFO, REP_META_CONTEXT):
-            return replies
-
-
-def go_data(name=b"", infos=()):
-    return (struct.pack(">I", len(name)) + name + struct.pack(">H", len(infos))
-            + b"".join(struct.pack(">H", i) for i in infos))
-
-
-def meta_data(name=b"", queries=(b"base:allocation",)):
-    return (struct.pack(">I", len(name)) + name +
-            struct.pack(">I", len(queries)) +
-            b"".join(struct.pack(">I", len(q)) + q for q in queries))
-
-
 def starttls(c, ctx):
-    """STARTTLS on a RawNBD: expect the ACK, then wrap its socket."""
-    assert raw_option(c, OPT_STARTTLS) == [(REP_ACK, b"")]
-    c.s = ctx.wrap_socket(c.s, server_hostname="localhost")
-    return c.s
-
-
-def recv_transmission_reply(c, read_len):
-    """One reply, simple or structured. Returns
-    ("simple", cookie, error, data) or ("structured", cookie, chunks) with
-    chunks [(flags, type, payload)]."""
-    (magic,) = struct.unpack(">I", c.recv_exact(4))
-    if magic == SIMPLE_REPLY_MAGIC:
-        error, cookie = struct.unpack(">IQ", c.recv_exact(12))
-        data = c.recv_exact(read_len) if error == 0 and read_len else b""
-        return "simple", cookie, error, data
-    chunks = []
-    while True:
-        assert magic == STRUCTURED_REPLY_MAGIC, hex(magic)
-        flags, rtype, cookie, length = struct.unpack(">HHQI", c.recv_exact(16))
-        chunks.append((flags, rtype, c.recv_exact(length)))
-        if flags & REPLY_FLAG_DONE:
-            return "structured", cookie, chunks
-        (magic,) = struct.unpack(">I", c.recv_exact(4))
+    """STARTTLS on a raw client: expect the ACK, then wrap its socket."""
+    return c.starttls(ctx)
 
 
 def send_read(c, offset, length):
-    c.cookie += 1
-    c.s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, c.cookie,
-                            offset, length))
-    return c.cookie
-
-
-def still_open(s):
-    """Drain what the peer sent without blocking; False once it hung up.
-    (With a timeout set, Python polls before recv even with MSG_DONTWAIT,
-    so the socket is made non-blocking for the check.)"""
-    saved = s.gettimeout()
-    s.settimeout(0.0)
-    try:
-        while True:
-            try:
-                data = s.recv(65536)
-            except BlockingIOError:
-                return True
-            except (ConnectionResetError, BrokenPipeError):
-                return False
-            if not data:
-                return False
-    finally:
-        s.settimeout(saved)
-
-
-def wait_closed(s, timeout):
-    """Seconds until the peer hangs up (draining what it sends), or None
-    if it is still open after `timeout`."""
-    t0 = time.monotonic()
-    deadline = t0 + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        s.settimeout(left)
-        try:
-            data = s.recv(65536)
-        except socket.timeout:
-            return None
-        except (ConnectionResetError, BrokenPipeError):
-            return time.monotonic() - t0
-        if not data:
-            return time.monotonic() - t0
+    return c.send_request(CMD_READ, offset, length)
 
 
 def expect_tls_refused(c):
     """After a TLS handshake the server must refuse (alert / hang-up),
     never answer an option."""
     try:
-        c.send_option(OPT_GO, go_data())
-        got = c.recv_option_reply()
+        c.option(OPT_GO, go_data())
+        got = c.opt_reply()
     except (ssl.SSLError, EOFError, ConnectionResetError, BrokenPipeError) as e:
         return e
     raise AssertionError(f"server answered an option to a refused client: {got}")
 
 
 def raw_connect(sock, timeout=SOCK_TIMEOUT):
-    return RawNBD(sock, timeout)
+    """A raw client past the greeting and client flags."""
+    return Client(path=sock, timeout=timeout).start()
 
 
 # --------------------------------------------------------------------------
@@ -383,7 +278,7 @@ def tls_harness(harness_bin, request):
 
 @pytest.fixture
 def raw_conns():
-    """RawNBD connections (possibly TLS-wrapped), closed at teardown."""
+    """Raw clients (possibly TLS-wrapped), closed at teardown."""
     conns = []
 
     def connect(sock, timeout=SOCK_TIMEOUT):
@@ -533,21 +428,21 @@ def test_require_mode_refuses_plaintext(memdisk, certs, raw_conns):
         (OPT_LIST, b""),             # still refused, nothing leaked
     ]
     for opt, data in refused:
-        replies = raw_option(c, opt, data)
+        replies = c.option_replies(opt, data)
         assert len(replies) == 1 and replies[0][0] == REP_ERR_TLS_REQD, (
             f"option {opt}: {replies}\n{srv.describe()}")
         assert b"secret" not in replies[0][1] and b"other-export" not in replies[0][1]
 
     # The same connection, once TLS is on, sees the exports.
     starttls(c, client_ctx(certs))
-    replies = raw_option(c, OPT_LIST)
+    replies = c.option_replies(OPT_LIST)
     names = sorted(p[4:4 + struct.unpack(">I", p[:4])[0]]
                    for t, p in replies if t == REP_SERVER)
     assert names == [b"other-export", b"secret-export"], replies
     assert replies[-1] == (REP_ACK, b"")
     assert c.go(b"secret-export") == REP_ACK
     assert c.size == 8 * MiB
-    err, data = c.request(CMD_READ, 0, 4096)
+    err, data = c.call(CMD_READ, 0, 4096)
     assert (err, data) == (0, bytes(4096))
 
     # Old-style NBD_OPT_EXPORT_NAME works once TLS is on.
@@ -555,13 +450,13 @@ def test_require_mode_refuses_plaintext(memdisk, certs, raw_conns):
     starttls(c4, client_ctx(certs))
     c4.export_name(b"other-export")
     assert c4.size == 8 * MiB and c4.tflags & FLAG_HAS_FLAGS
-    assert c4.request(CMD_READ, 4096, 4096) == (0, bytes(4096))
+    assert c4.call(CMD_READ, 4096, 4096) == (0, bytes(4096))
 
     # NBD_OPT_ABORT is allowed in plaintext.
     c2 = raw_conns(srv.sock)
-    c2.send_option(OPT_ABORT)
+    c2.option(OPT_ABORT)
     try:
-        got = c2.recv_option_reply()
+        got = c2.opt_reply()
         assert got == (OPT_ABORT, REP_ACK, b""), got
     except (EOFError, ConnectionResetError):
         pass    # the spec lets the server just close
@@ -570,7 +465,7 @@ def test_require_mode_refuses_plaintext(memdisk, certs, raw_conns):
     # NBD_OPT_EXPORT_NAME cannot be refused politely: the server hangs up,
     # without sending size or flags.
     c3 = raw_conns(srv.sock)
-    c3.send_option(OPT_EXPORT_NAME, b"secret-export")
+    c3.option(OPT_EXPORT_NAME, b"secret-export")
     c3.s.settimeout(5)
     received = b""
     try:
@@ -628,7 +523,7 @@ def test_allow_mode_serves_plaintext_and_tls(memdisk, certs, raw_conns):
 
     # Raw: the export list is shown in plaintext in this mode.
     c = raw_conns(srv.sock)
-    replies = raw_option(c, OPT_LIST)
+    replies = c.option_replies(OPT_LIST)
     assert [t for t, _ in replies] == [REP_SERVER, REP_ACK], replies
 
     for uri in (plain_uri(srv.sock), tls_uri(srv.sock, certs.client)):
@@ -644,10 +539,10 @@ def test_off_mode_refuses_starttls(memdisk, certs, raw_conns, flags):
     srv = memdisk(*flags, size="4M")
     assert srv.uri.startswith("nbd+unix://"), srv.uri
     c = raw_conns(srv.sock)
-    replies = raw_option(c, OPT_STARTTLS)
+    replies = c.option_replies(OPT_STARTTLS)
     assert [t for t, _ in replies] == [REP_ERR_UNSUP], replies
     assert c.go() == REP_ACK
-    assert c.request(CMD_READ, 0, 512) == (0, bytes(512))
+    assert c.call(CMD_READ, 0, 512) == (0, bytes(512))
 
     h = nbd_handle()
     t0 = time.monotonic()
@@ -687,25 +582,25 @@ def test_starttls_discards_plaintext_negotiation(memdisk, certs, raw_conns):
 
     # Control, all plaintext: structured replies and base:allocation are on.
     c = raw_conns(srv.sock)
-    assert raw_option(c, OPT_STRUCTURED_REPLY) == [(REP_ACK, b"")]
-    meta = raw_option(c, OPT_SET_META_CONTEXT, meta_data())
+    assert c.option_replies(OPT_STRUCTURED_REPLY) == [(REP_ACK, b"")]
+    meta = c.option_replies(OPT_SET_META_CONTEXT, meta_data())
     assert [t for t, _ in meta] == [REP_META_CONTEXT, REP_ACK], meta
     assert c.go() == REP_ACK
     assert c.tflags & FLAG_SEND_DF, hex(c.tflags)
     cookie = send_read(c, 0, 4096)
-    kind, got, chunks = recv_transmission_reply(c, 4096)
-    assert (kind, got) == ("structured", cookie), (kind, got)
-    assert chunks[0][1] == REPLY_TYPE_OFFSET_DATA, chunks[0][:2]
-    assert chunks[0][2] == struct.pack(">Q", 0) + b"\x42" * 4096
-    c.s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, CMD_BLOCK_STATUS, 99, 0, 4096))
-    kind, got, chunks = recv_transmission_reply(c, 0)
-    assert (kind, got) == ("structured", 99)
-    assert all(t != REPLY_TYPE_ERROR for _, t, _ in chunks), chunks
+    r = c.recv_chunks()
+    assert (r.kind, r.cookie) == ("structured", cookie), r
+    assert r.chunks[0][1] == REPLY_TYPE_OFFSET_DATA, r
+    assert r.chunks[0][2] == struct.pack(">Q", 0) + b"\x42" * 4096
+    c.send_request(CMD_BLOCK_STATUS, 0, 4096, cookie=99)
+    r = c.recv_chunks()
+    assert (r.kind, r.cookie) == ("structured", 99), r
+    assert REPLY_TYPE_ERROR not in r.types(), r
 
     # Same plaintext negotiation, then STARTTLS: simple replies, no DF.
     c = raw_conns(srv.sock)
-    assert raw_option(c, OPT_STRUCTURED_REPLY) == [(REP_ACK, b"")]
-    assert [t for t, _ in raw_option(c, OPT_SET_META_CONTEXT, meta_data())] == \
+    assert c.option_replies(OPT_STRUCTURED_REPLY) == [(REP_ACK, b"")]
+    assert [t for t, _ in c.option_replies(OPT_SET_META_CONTEXT, meta_data())] == \
         [REP_META_CONTEXT, REP_ACK]
     starttls(c, client_ctx(certs))
     assert c.go() == REP_ACK
@@ -715,36 +610,34 @@ def test_starttls_discards_plaintext_negotiation(memdisk, certs, raw_conns):
         f"export flags {c.tflags:#x} advertise DF: structured replies from "
         f"before STARTTLS carried over\n{srv.describe()}")
     cookie = send_read(c, 0, 4096)
-    reply = recv_transmission_reply(c, 4096)
-    assert reply[0] == "simple", (
-        f"READ after STARTTLS got a {reply[0]} reply: plaintext "
+    r = c.recv_chunks()
+    assert r.kind == "simple", (
+        f"READ after STARTTLS got a {r.kind} reply: plaintext "
         f"STRUCTURED_REPLY carried over\n{srv.describe()}")
-    assert reply[1:] == (cookie, 0, b"\x42" * 4096)
+    assert (r.cookie, r.error, r.data) == (cookie, 0, b"\x42" * 4096)
 
     # STRUCTURED_REPLY again inside TLS works, but the plaintext meta
     # context is still gone: BLOCK_STATUS is refused with EINVAL.
     c = raw_conns(srv.sock)
-    assert raw_option(c, OPT_STRUCTURED_REPLY) == [(REP_ACK, b"")]
-    assert [t for t, _ in raw_option(c, OPT_SET_META_CONTEXT, meta_data())] == \
+    assert c.option_replies(OPT_STRUCTURED_REPLY) == [(REP_ACK, b"")]
+    assert [t for t, _ in c.option_replies(OPT_SET_META_CONTEXT, meta_data())] == \
         [REP_META_CONTEXT, REP_ACK]
     starttls(c, client_ctx(certs))
-    assert raw_option(c, OPT_STRUCTURED_REPLY) == [(REP_ACK, b"")]
+    assert c.option_replies(OPT_STRUCTURED_REPLY) == [(REP_ACK, b"")]
     assert c.go() == REP_ACK
     assert c.tflags & FLAG_SEND_DF, hex(c.tflags)
-    c.s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, CMD_BLOCK_STATUS, 7, 0, 4096))
-    reply = recv_transmission_reply(c, 0)
-    if reply[0] == "simple":
-        assert reply[1:3] == (7, NBD_EINVAL), reply
+    c.send_request(CMD_BLOCK_STATUS, 0, 4096, cookie=7)
+    r = c.recv_chunks()
+    if r.kind == "simple":
+        assert (r.cookie, r.error) == (7, NBD_EINVAL), r
     else:
-        _, got, chunks = reply
-        assert got == 7
-        errors = [p for _, t, p in chunks if t == REPLY_TYPE_ERROR]
-        assert errors and struct.unpack(">I", errors[0][:4])[0] == NBD_EINVAL, (
-            f"BLOCK_STATUS after STARTTLS answered {chunks}: the plaintext "
+        assert r.cookie == 7
+        assert r.error_chunk() == NBD_EINVAL, (
+            f"BLOCK_STATUS after STARTTLS answered {r}: the plaintext "
             f"meta context carried over\n{srv.describe()}")
     cookie = send_read(c, 4096, 4096)
-    kind, got, chunks = recv_transmission_reply(c, 4096)
-    assert (kind, got) == ("structured", cookie)
+    r = c.recv_chunks()
+    assert (r.kind, r.cookie) == ("structured", cookie), r
 
 
 def test_starttls_misuse(memdisk, certs, raw_conns):
@@ -753,13 +646,13 @@ def test_starttls_misuse(memdisk, certs, raw_conns):
     usable."""
     srv = memdisk(*tls_server_args(certs, "on"), size="4M")
     c = raw_conns(srv.sock)
-    replies = raw_option(c, OPT_STARTTLS, b"junk")
+    replies = c.option_replies(OPT_STARTTLS, b"junk")
     assert [t for t, _ in replies] == [REP_ERR_INVALID], replies
     starttls(c, client_ctx(certs))
-    replies = raw_option(c, OPT_STARTTLS)
+    replies = c.option_replies(OPT_STARTTLS)
     assert [t for t, _ in replies] == [REP_ERR_INVALID], replies
     assert c.go() == REP_ACK
-    assert c.request(CMD_READ, 0, 4096) == (0, bytes(4096))
+    assert c.call(CMD_READ, 0, 4096) == (0, bytes(4096))
 
 
 class BioSocket:
@@ -826,22 +719,22 @@ def test_starttls_client_hello_framing(memdisk, certs, raw_conns, how):
     c = raw_conns(srv.sock)
     bio = BioSocket(c.s, client_ctx(certs))
     hello = bio.client_hello()
-    starttls_opt = struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0)
+    starttls_opt = option_bytes(OPT_STARTTLS)
     if how == "pipelined":
         c.s.sendall(starttls_opt + hello)
-        assert c.recv_option_reply() == (OPT_STARTTLS, REP_ACK, b"")
+        assert c.opt_reply() == (OPT_STARTTLS, REP_ACK, b"")
     else:
         c.s.sendall(starttls_opt)
-        assert c.recv_option_reply() == (OPT_STARTTLS, REP_ACK, b"")
+        assert c.opt_reply() == (OPT_STARTTLS, REP_ACK, b"")
         for i in range(len(hello)):
             c.s.sendall(hello[i:i + 1])
             if i % 16 == 0:
-                time.sleep(0.001)
+                time.sleep(0.001)       # the case: the bytes arrive apart
     bio.finish_handshake()
     c.s = bio
     assert c.go() == REP_ACK
     assert c.size == 4 * MiB
-    assert c.request(CMD_READ, 0, 4096) == (0, bytes(4096))
+    assert c.call(CMD_READ, 0, 4096) == (0, bytes(4096))
 
 
 # --------------------------------------------------------------------------
@@ -902,7 +795,7 @@ def test_mutual_tls(memdisk, certs, raw_conns):
         assert c.s.version() == {ssl.TLSVersion.TLSv1_3: "TLSv1.3",
                                  ssl.TLSVersion.TLSv1_2: "TLSv1.2"}[version]
         assert c.go() == REP_ACK
-        assert c.request(CMD_READ, 0, 4096) == (0, b"m" * 4096)
+        assert c.call(CMD_READ, 0, 4096) == (0, b"m" * 4096)
 
     h = connect_tls(srv.sock, certs.client_b)
     try:
@@ -954,7 +847,7 @@ def test_open_refuses_unlisted_fingerprint(tls_harness, certs, raw_conns):
 
     c = raw_conns(h.sock)
     starttls(c, client_ctx(certs, certs.pair["client-a"]))
-    replies = raw_option(c, OPT_GO, go_data())
+    replies = c.option_replies(OPT_GO, go_data())
     assert replies[-1][0] == REP_ERR_POLICY, (replies, h.report())
 
     n = nbd_handle()
@@ -1016,7 +909,7 @@ def test_stalled_and_garbage_handshakes_do_not_block(memdisk, certs):
             t = time.monotonic()
             c = raw_connect(srv.sock)
             socks.append(c)
-            assert raw_option(c, OPT_STARTTLS) == [(REP_ACK, b"")]
+            assert c.option_replies(OPT_STARTTLS) == [(REP_ACK, b"")]
             if kind == "mid-handshake":
                 bio = BioSocket(c.s, client_ctx(certs))
                 c.s.sendall(bio.client_hello())
@@ -1036,7 +929,7 @@ def test_stalled_and_garbage_handshakes_do_not_block(memdisk, certs):
 
         g = raw_connect(srv.sock)
         socks.append(g)
-        assert raw_option(g, OPT_STARTTLS) == [(REP_ACK, b"")]
+        assert g.option_replies(OPT_STARTTLS) == [(REP_ACK, b"")]
         t_garbage = time.monotonic()
         g.s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n" +
                     random.Random(1).randbytes(512))
@@ -1122,7 +1015,9 @@ def test_tls_slow_reader_backpressure(memdisk, certs, raw_conns):
     n = 64
     for i in range(n):
         c.send_request(CMD_READ, i * MiB, MiB)
-    time.sleep(0.5)         # the server's writes back up meanwhile
+    # The server answers reads until 4 MiB of replies back up unsent.
+    srv.wait_stats(lambda st: st["bytes_read"] >= 4 * MiB,
+                   "the server's replies to back up")
 
     other = connect_tls(srv.sock, certs.client)
     t0 = time.monotonic()
@@ -1136,7 +1031,7 @@ def test_tls_slow_reader_backpressure(memdisk, certs, raw_conns):
     seen = set()
     t0 = time.monotonic()
     for _ in range(n):
-        cookie, err, got = c.recv_reply()
+        cookie, err, got = c.reply()
         assert err == 0, (cookie, err)
         i = cookie - 1
         assert got == data[i * MiB:(i + 1) * MiB], f"read {i} corrupted"

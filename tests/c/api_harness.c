@@ -98,6 +98,8 @@
 
 #include <nbdkit-async.h>
 
+#include "harness.h"
+
 #define MIB (UINT64_C (1) << 20)
 #define HANDLE_MAGIC UINT32_C (0x6e62646b)
 
@@ -188,36 +190,8 @@ static bool stale_checked;
 
 static sem_t control_sem;
 static atomic_bool control_quit;
-static atomic_int harness_errors;
 static atomic_int open_handles;
 static atomic_uint next_handle_id;
-
-static void
-harness_error (const char *fmt, ...)
-{
-  va_list ap;
-  char msg[512];
-
-  va_start (ap, fmt);
-  vsnprintf (msg, sizeof msg, fmt, ap);
-  va_end (ap);
-  fprintf (stderr, "HARNESS-ERROR: %s\n", msg);
-  atomic_fetch_add (&harness_errors, 1);
-}
-
-static void
-say (const char *fmt, ...)
-{
-  va_list ap;
-
-  va_start (ap, fmt);
-  flockfile (stdout);
-  vprintf (fmt, ap);
-  putchar ('\n');
-  fflush (stdout);
-  funlockfile (stdout);
-  va_end (ap);
-}
 
 static struct timespec
 after_ms (long ms)
@@ -301,7 +275,7 @@ check_rc (const char *what, const struct job *j, int rc, bool second)
 {
   if (rc == 0)
     return;
-  say ("reply-rc %s %s %d%s", what, kind_names[j->kind], rc,
+  harness_say ("reply-rc %s %s %d%s", what, kind_names[j->kind], rc,
        second ? " second" : "");
   /* A first reply may only fail once the loop has gone, which the loop
    * must not allow while it still owns the op. */
@@ -426,6 +400,8 @@ answer_again (const struct job *j, unsigned variant)
   static const unsigned char junk[16] = "second reply!!!";
   int rc;
 
+  harness_say ("answered again %s %llu", kind_names[j->kind],
+               (unsigned long long) j->offset);
   switch (variant % 4) {
   case 0:
     rc = nbdkit_reply_error (j->op, EIO);
@@ -521,7 +497,7 @@ controller (void *arg)
     if (mode == MODE_SHUTDOWN || mode == MODE_RESTART) {
       if (nbdkit_server_shutdown (server) != 0)
         harness_error ("nbdkit_server_shutdown failed");
-      say ("shutdown requested");
+      harness_say ("shutdown requested");
       if (mode == MODE_RESTART)
         continue;
       sleep_ms (300);
@@ -535,7 +511,7 @@ controller (void *arg)
     }
     held = NULL;
     pthread_mutex_unlock (&queue_lock);
-    say ("held ops released");
+    harness_say ("held ops released");
   }
   return NULL;
 }
@@ -582,7 +558,7 @@ dispatch (nbdkit_op *op, void *h, enum kind kind, void *buf, uint32_t count,
   last_op = op;
   if (kind == K_READ)
     read_style = (enum read_style) (reads_seen++ % 3);
-  say ("op %s %llu %u", kind_names[kind], (unsigned long long) offset, count);
+  harness_say ("op %s %llu %u", kind_names[kind], (unsigned long long) offset, count);
 
   switch (mode) {
   case MODE_THREAD:
@@ -642,7 +618,7 @@ dispatch (nbdkit_op *op, void *h, enum kind kind, void *buf, uint32_t count,
     if (!restarted) {
       if (stale_op == NULL) {   /* never answered: dies with server A */
         stale_op = op;
-        say ("holding op %p", (void *) op);
+        harness_say ("holding op %p", (void *) op);
         sem_post (&control_sem);
         return 0;
       }
@@ -654,7 +630,7 @@ dispatch (nbdkit_op *op, void *h, enum kind kind, void *buf, uint32_t count,
       int r;
       stale_checked = true;
       r = nbdkit_reply (stale_op);
-      say ("stale reply to %p (the new op is %p): %d", (void *) stale_op,
+      harness_say ("stale reply to %p (the new op is %p): %d", (void *) stale_op,
            (void *) op, r);
       if (r != -ESTALE)
         harness_error ("a reply to an op of a freed server returned %d, "
@@ -757,7 +733,7 @@ h_open (void *user_data, int readonly, const char *export_name)
   h->id = atomic_fetch_add (&next_handle_id, 1);
   h->readonly = readonly;
   atomic_fetch_add (&open_handles, 1);
-  say ("open %u readonly=%d export=\"%s\"", h->id, readonly,
+  harness_say ("open %u readonly=%d export=\"%s\"", h->id, readonly,
        export_name ? export_name : "(null)");
   return h;
 }
@@ -769,7 +745,7 @@ h_close (void *hv)
 
   if (h == NULL)
     return;
-  say ("close %u", h->id);
+  harness_say ("close %u", h->id);
   h->magic = 0;
   free (h);
   atomic_fetch_sub (&open_handles, 1);
@@ -886,10 +862,10 @@ h_cancel (nbdkit_op *op, void *h)
 
   if (j == NULL) {
     /* Not held: a worker has it queued and will answer it. */
-    say ("cancel busy");
+    harness_say ("cancel busy");
     return;
   }
-  say ("cancel held %s %llu %u", kind_names[j->kind],
+  harness_say ("cancel held %s %llu %u", kind_names[j->kind],
        (unsigned long long) j->offset, j->count);
   if (mode != MODE_CANCEL)
     return;                     /* grace: the plugin ignores cancellation */
@@ -901,77 +877,74 @@ h_cancel (nbdkit_op *op, void *h)
 }
 
 static void
-on_stop_signal (int sig)
+on_stop (void)
 {
-  int saved = errno;
-
-  (void) sig;
   nbdkit_shutdown ();
   if (mode == MODE_SHUTDOWN || mode == MODE_NEVER_REPLY)
     sem_post (&control_sem);
-  errno = saved;
 }
 
 static void
-on_usr1 (int sig)
+on_usr1 (void)
 {
-  int saved = errno;
-
-  (void) sig;
   sem_post (&control_sem);
-  errno = saved;
 }
 
-static uint64_t
-parse_size (const char *s)
-{
-  char *end;
-  unsigned long long n;
+/* The running server: SIGUSR2 prints its counters. */
+static pthread_mutex_t server_lock = PTHREAD_MUTEX_INITIALIZER;
 
-  errno = 0;
-  n = strtoull (s, &end, 10);
-  if (errno || end == s)
-    goto bad;
-  switch (*end) {
-  case 'K': case 'k': n <<= 10; end++; break;
-  case 'M': case 'm': n <<= 20; end++; break;
-  case 'G': case 'g': n <<= 30; end++; break;
-  default: break;
-  }
-  if (*end != '\0' || n == 0)
-    goto bad;
-  return n;
- bad:
-  fprintf (stderr, "api_harness: bad size: %s\n", s);
-  exit (2);
+static void
+on_usr2 (void)
+{
+  pthread_mutex_lock (&server_lock);
+  harness_print_stats (server, NULL);
+  pthread_mutex_unlock (&server_lock);
 }
 
-static long
-parse_long (const char *s)
+static void
+free_server (void)
 {
-  char *end;
-  long n;
+  pthread_mutex_lock (&server_lock);
+  nbdkit_server_free (server);
+  server = NULL;
+  pthread_mutex_unlock (&server_lock);
+}
 
-  errno = 0;
-  n = strtol (s, &end, 10);
-  if (errno || end == s || *end != '\0' || n < 0) {
-    fprintf (stderr, "api_harness: bad number: %s\n", s);
+static const char usage[] =
+  "--mode MODE --unix PATH [--size N[K|M|G]] [--workers N] [--hold-ms N]\n"
+  "       [--shutdown-after N] [--max-inflight N] [--request-timeout-ms N]\n"
+  "       [--shutdown-grace-ms N] [--memory-limits PER_CONN:TOTAL]\n"
+  "       [--handshake-timeout-ms N] [--tcp-port N]";
+
+static uint64_t mem_per_conn, mem_total;
+
+static void
+opt_mode (const char *val)
+{
+  size_t m;
+
+  for (m = 0; m < sizeof mode_names / sizeof mode_names[0]; m++)
+    if (strcmp (val, mode_names[m]) == 0)
+      break;
+  if (m == sizeof mode_names / sizeof mode_names[0]) {
+    fprintf (stderr, "api_harness: unknown mode: %s\n", val);
     exit (2);
   }
-  return n;
+  mode = (enum mode) m;
 }
 
 static void
-usage (void)
+opt_memory_limits (const char *val)
 {
-  fprintf (stderr,
-           "usage: api_harness --mode MODE --unix PATH [--size N[K|M|G]]\n"
-           "                   [--workers N] [--hold-ms N]\n"
-           "                   [--shutdown-after N] [--max-inflight N]\n"
-           "                   [--request-timeout-ms N] [--shutdown-grace-ms N]\n"
-           "                   [--memory-limits PER_CONN:TOTAL]\n"
-           "                   [--handshake-timeout-ms N]\n");
-  exit (2);
+  char per[64];
+  const char *colon = strchr (val, ':');
+
+  if (colon == NULL || (size_t) (colon - val) >= sizeof per)
+    harness_usage (usage);
+  memcpy (per, val, colon - val);
+  per[colon - val] = '\0';
+  mem_per_conn = harness_parse_size (per);
+  mem_total = harness_parse_size (colon + 1);
 }
 
 int
@@ -997,72 +970,38 @@ main (int argc, char *argv[])
   long request_timeout_ms = -1;
   long shutdown_grace_ms = -1;
   long handshake_timeout_ms = -1;
-  uint64_t mem_per_conn = 0, mem_total = 0;
+  long after = (long) shutdown_after;
   unsigned long grace_after_loop = 0, grace_after_free = 0, grace_never = 0;
   struct job *grace_jobs = NULL;
   pthread_t threads[8];
   pthread_t control_thread;
   pthread_condattr_t cattr;
-  struct sigaction sa;
   struct job *j, *next;
   unsigned long unreplied = 0;
   uint64_t i;
   int r, k;
   int status = 0;
+  const struct harness_opt opts[] = {
+    { "--mode", HARNESS_CALL, NULL, opt_mode },
+    { "--unix", HARNESS_STRING, &sock, NULL },
+    { "--size", HARNESS_SIZE, &disk_size, NULL },
+    { "--workers", HARNESS_LONG, &workers, NULL },
+    { "--hold-ms", HARNESS_LONG, &hold_ms, NULL },
+    { "--shutdown-after", HARNESS_LONG, &after, NULL },
+    { "--max-inflight", HARNESS_LONG, &max_inflight, NULL },
+    { "--tcp-port", HARNESS_LONG, &tcp_port, NULL },
+    { "--request-timeout-ms", HARNESS_LONG, &request_timeout_ms, NULL },
+    { "--shutdown-grace-ms", HARNESS_LONG, &shutdown_grace_ms, NULL },
+    { "--handshake-timeout-ms", HARNESS_LONG, &handshake_timeout_ms, NULL },
+    { "--memory-limits", HARNESS_CALL, NULL, opt_memory_limits },
+    { NULL, 0, NULL, NULL },
+  };
 
-  for (k = 1; k < argc; k++) {
-    const char *opt = argv[k];
-    const char *val = k + 1 < argc ? argv[k + 1] : NULL;
-
-    if (val == NULL)
-      usage ();
-    k++;
-    if (strcmp (opt, "--mode") == 0) {
-      size_t m;
-      for (m = 0; m < sizeof mode_names / sizeof mode_names[0]; m++)
-        if (strcmp (val, mode_names[m]) == 0)
-          break;
-      if (m == sizeof mode_names / sizeof mode_names[0]) {
-        fprintf (stderr, "api_harness: unknown mode: %s\n", val);
-        exit (2);
-      }
-      mode = (enum mode) m;
-    }
-    else if (strcmp (opt, "--unix") == 0)
-      sock = val;
-    else if (strcmp (opt, "--size") == 0)
-      disk_size = parse_size (val);
-    else if (strcmp (opt, "--workers") == 0)
-      workers = parse_long (val);
-    else if (strcmp (opt, "--hold-ms") == 0)
-      hold_ms = parse_long (val);
-    else if (strcmp (opt, "--shutdown-after") == 0)
-      shutdown_after = (unsigned long) parse_long (val);
-    else if (strcmp (opt, "--max-inflight") == 0)
-      max_inflight = parse_long (val);
-    else if (strcmp (opt, "--tcp-port") == 0)
-      tcp_port = parse_long (val);
-    else if (strcmp (opt, "--request-timeout-ms") == 0)
-      request_timeout_ms = parse_long (val);
-    else if (strcmp (opt, "--shutdown-grace-ms") == 0)
-      shutdown_grace_ms = parse_long (val);
-    else if (strcmp (opt, "--handshake-timeout-ms") == 0)
-      handshake_timeout_ms = parse_long (val);
-    else if (strcmp (opt, "--memory-limits") == 0) {
-      char per[64];
-      const char *colon = strchr (val, ':');
-      if (colon == NULL || (size_t) (colon - val) >= sizeof per)
-        usage ();
-      memcpy (per, val, colon - val);
-      per[colon - val] = '\0';
-      mem_per_conn = parse_size (per);
-      mem_total = parse_size (colon + 1);
-    }
-    else
-      usage ();
-  }
+  harness_init ("api_harness");
+  harness_parse (argc, argv, opts, usage);
+  shutdown_after = (unsigned long) after;
   if (sock == NULL || workers < 1 || workers > 8)
-    usage ();
+    harness_usage (usage);
   if (disk_size <= 2 * MIB && (mode == MODE_THREAD || mode == MODE_INLINE)) {
     fprintf (stderr, "api_harness: --size must exceed 2M in this mode\n");
     exit (2);
@@ -1085,15 +1024,8 @@ main (int argc, char *argv[])
     exit (1);
   }
 
-  memset (&sa, 0, sizeof sa);
-  sigemptyset (&sa.sa_mask);
-  sa.sa_flags = SA_RESTART;
-  sa.sa_handler = on_stop_signal;
-  sigaction (SIGTERM, &sa, NULL);
-  sigaction (SIGINT, &sa, NULL);
-  sa.sa_handler = on_usr1;
-  sigaction (SIGUSR1, &sa, NULL);
   signal (SIGPIPE, SIG_IGN);
+  harness_signals (on_stop, on_usr1, on_usr2);
 
   if (mode == MODE_CANCEL || mode == MODE_GRACE)
     plugin.cancel = h_cancel;
@@ -1101,7 +1033,9 @@ main (int argc, char *argv[])
     shutdown_grace_ms = 0;      /* server A returns with its op unanswered */
   loop_thread = pthread_self ();
  again:
+  pthread_mutex_lock (&server_lock);
   server = nbdkit_server_new (&plugin, sizeof plugin, &disk);
+  pthread_mutex_unlock (&server_lock);
   if (server == NULL) {
     fprintf (stderr, "api_harness: nbdkit_server_new failed\n");
     exit (1);
@@ -1156,7 +1090,7 @@ main (int argc, char *argv[])
     exit (1);
   }
   if (restarted) {
-    say ("ready again");
+    harness_say ("ready again");
     goto run;
   }
 
@@ -1170,22 +1104,21 @@ main (int argc, char *argv[])
     exit (1);
   }
 
-  say ("ready");
+  harness_say ("ready");
  run:
   r = nbdkit_main_loop (server);
   if (mode == MODE_RESTART && !restarted) {
-    say ("first main_loop returned %d", r);
+    harness_say ("first main_loop returned %d", r);
     if (r != 0)
       status = 1;
     /* Server A goes away with its op unanswered; B takes its place. */
-    nbdkit_server_free (server);
-    server = NULL;
-    say ("server A freed");
+    free_server ();
+    harness_say ("server A freed");
     restarted = true;
     shutdown_grace_ms = -1;
     goto again;
   }
-  say ("main_loop returned %d", r);
+  harness_say ("main_loop returned %d", r);
   if (r != 0)
     status = 1;
 
@@ -1268,12 +1201,11 @@ main (int argc, char *argv[])
    * and a NULL op. None of them may crash. */
   if (mode == MODE_DOUBLE_REPLY && last_op != NULL) {
     r = nbdkit_reply (last_op);
-    say ("late reply after main_loop: %d", r);
+    harness_say ("late reply after main_loop: %d", r);
     if (r != -ESHUTDOWN)
       harness_error ("reply after main_loop returned %d, not -ESHUTDOWN", r);
   }
-  nbdkit_server_free (server);
-  server = NULL;
+  free_server ();
   if (atomic_load (&open_handles) != 0)
     harness_error ("%d handles still open after nbdkit_server_free",
                    atomic_load (&open_handles));
@@ -1295,7 +1227,7 @@ main (int argc, char *argv[])
       free (j);
     }
     grace_jobs = NULL;
-    say ("grace late replies: %lu after main_loop, %lu after free, %lu never",
+    harness_say ("grace late replies: %lu after main_loop, %lu after free, %lu never",
          grace_after_loop, grace_after_free, grace_never);
   }
   free (cancelled_ops);
@@ -1310,17 +1242,17 @@ main (int argc, char *argv[])
       abort ();
     memcpy (copy, junk, sizeof junk);
     int r4 = lend (last_op, copy, sizeof junk);
-    say ("late replies after nbdkit_server_free: %d %d %d %d", r1, r2, r3, r4);
+    harness_say ("late replies after nbdkit_server_free: %d %d %d %d", r1, r2, r3, r4);
     if (r1 != -ESTALE || r2 != -ESTALE || r3 != -ESTALE || r4 != -ESTALE)
       harness_error ("replies after nbdkit_server_free returned %d %d %d %d, "
                      "not -ESTALE", r1, r2, r3, r4);
     r = nbdkit_reply (NULL);
-    say ("reply to NULL: %d", r);
+    harness_say ("reply to NULL: %d", r);
     if (r >= 0)
       harness_error ("nbdkit_reply (NULL) returned %d", r);
   }
   /* Every lent buffer has come back by now, whatever became of its reply. */
-  say ("loans: %lu made, %lu released", atomic_load (&loans_made),
+  harness_say ("loans: %lu made, %lu released", atomic_load (&loans_made),
        atomic_load (&loans_released));
   if (atomic_load (&loans_made) != atomic_load (&loans_released))
     harness_error ("%lu loans made, %lu released",
@@ -1330,8 +1262,9 @@ main (int argc, char *argv[])
   free (disk);
   disk = NULL;
 
+  harness_signals_end ();
   if (atomic_load (&harness_errors) > 0)
     status = 1;
-  say ("exit %d", status);
+  harness_say ("exit %d", status);
   return status;
 }

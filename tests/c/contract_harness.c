@@ -45,6 +45,8 @@
 
 #include <nbdkit-async.h>
 
+#include "harness.h"
+
 #define DISK_SIZE (16u << 20)
 
 static unsigned char disk[DISK_SIZE];
@@ -176,7 +178,7 @@ listen_here (nbdkit_server *s)
 static void
 ready (void)
 {
-  printf ("ready\n");
+  harness_say ("ready");
 }
 
 /* ---------------------------------------------------------------- cases */
@@ -429,30 +431,21 @@ serve_max_request (void)
   return r == 0 ? 0 : EXIT_FAILURE;
 }
 
-static void
-stop (int sig)
-{
-  (void) sig;
-  nbdkit_shutdown ();
-}
-
 int
 main (int argc, char *argv[])
 {
   const char *name = NULL;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    if (strcmp (argv[i], "--case") == 0)
-      name = argv[i + 1];
-    else if (strcmp (argv[i], "--unix") == 0)
-      unix_path = argv[i + 1];
-  }
-  if (name == NULL) {
-    fprintf (stderr, "usage: contract_harness --case CASE [--unix PATH]\n");
-    return EXIT_FAILURE;
-  }
-  setvbuf (stdout, NULL, _IOLBF, 0);
-  signal (SIGTERM, stop);
-  signal (SIGINT, stop);
+  const struct harness_opt opts[] = {
+    { "--case", HARNESS_STRING, &name, NULL },
+    { "--unix", HARNESS_STRING, &unix_path, NULL },
+    { NULL, 0, NULL, NULL },
+  };
+
+  harness_init ("contract_harness");
+  harness_parse (argc, argv, opts, "--case CASE [--unix PATH]");
+  if (name == NULL)
+    harness_usage ("--case CASE [--unix PATH]");
+  harness_signals (NULL, NULL, NULL);     /* SIGTERM, SIGINT: nbdkit_shutdown */
   alarm (20);                /* a hung call ends the process with SIGALRM */
 
   int r;

@@ -37,6 +37,8 @@
 
 #include <nbdkit-async.h>
 
+#include "harness.h"
+
 static unsigned char *disk;
 static uint64_t disk_size = 16 << 20;
 static int64_t fail_offset = -1;
@@ -108,7 +110,7 @@ run (struct job *j)
     break;
   }
   if (r != 0)
-    fprintf (stderr, "HARNESS-ERROR: reply returned %d\n", r);
+    harness_error ("reply returned %d", r);
   free (j);
 }
 
@@ -184,21 +186,21 @@ log_cb (void *user_data, int level, const char *message)
 
 /* ---------------------------------------------------------------- signals */
 
-static sigset_t handled;
+static nbdkit_server *the_srv;
 
 static void
-print_stats (nbdkit_server *srv)
+print_stats (void)
 {
   struct nbdkit_stats st;
-  if (nbdkit_server_stats (srv, &st, sizeof st) != 0) {
-    fprintf (stderr, "HARNESS-ERROR: nbdkit_server_stats failed\n");
+  if (nbdkit_server_stats (the_srv, &st, sizeof st) != 0) {
+    harness_error ("nbdkit_server_stats failed");
     return;
   }
   /* An older, smaller struct: only its bytes may be written. */
   unsigned char small[sizeof st];
   const size_t small_size = offsetof (struct nbdkit_stats, requests);
   memset (small, 0xAA, sizeof small);
-  bool small_ok = nbdkit_server_stats (srv, (struct nbdkit_stats *) (void *) small,
+  bool small_ok = nbdkit_server_stats (the_srv, (struct nbdkit_stats *) (void *) small,
                                        small_size) == 0;
   for (size_t i = small_size; i < sizeof small; i++)
     if (small[i] != 0xAA)
@@ -208,43 +210,10 @@ print_stats (nbdkit_server *srv)
           sizeof conns_total);
   if (conns_total != st.connections_total)
     small_ok = false;
-
-  char line[2048];
-  int n = snprintf (line, sizeof line,
-                    "STATS connections=%" PRIu64 " connections_total=%" PRIu64
-                    " in_flight=%" PRIu64 " req=",
-                    st.connections, st.connections_total, st.requests_in_flight);
-  for (int i = 0; i < 8; i++)
-    n += snprintf (line + n, sizeof line - n, "%s%" PRIu64, i ? "," : "",
-                   st.requests[i]);
-  n += snprintf (line + n, sizeof line - n,
-                 " bytes_read=%" PRIu64 " bytes_written=%" PRIu64
-                 " errors=%" PRIu64 " lat=",
-                 st.bytes_read, st.bytes_written, st.errors);
-  for (int i = 0; i < 32; i++)
-    n += snprintf (line + n, sizeof line - n, "%s%" PRIu64, i ? "," : "",
-                   st.latency_us_log2[i]);
-  snprintf (line + n, sizeof line - n, " small=%s\n", small_ok ? "ok" : "BAD");
-  fputs (line, stdout);
-  fflush (stdout);
+  harness_print_stats (the_srv, small_ok ? " small=ok" : " small=BAD");
 }
 
-static void *
-signal_thread (void *arg)
-{
-  nbdkit_server *srv = arg;
-  for (;;) {
-    int sig;
-    if (sigwait (&handled, &sig) != 0)
-      continue;
-    if (sig == SIGUSR1)
-      print_stats (srv);
-    else if (sig == SIGUSR2)      /* sent by main to end this thread */
-      return NULL;
-    else
-      nbdkit_server_shutdown (srv);
-  }
-}
+static void stop (void) { nbdkit_server_shutdown (the_srv); }
 
 /* ------------------------------------------------------------------- main */
 
@@ -253,7 +222,7 @@ host_loop (nbdkit_server *srv)
 {
   int fd = nbdkit_server_fd (srv);
   if (fd < 0) {
-    fprintf (stderr, "HARNESS-ERROR: nbdkit_server_fd: %d\n", fd);
+    harness_error ("nbdkit_server_fd: %d", fd);
     return -1;
   }
   for (;;) {
@@ -261,7 +230,7 @@ host_loop (nbdkit_server *srv)
     if (r == 0)
       return 0;
     if (r < 0) {
-      fprintf (stderr, "HARNESS-ERROR: nbdkit_server_process: %d\n", r);
+      harness_error ("nbdkit_server_process: %d", r);
       return -1;
     }
     int timeout = nbdkit_server_timeout_ms (srv);
@@ -277,34 +246,28 @@ int
 main (int argc, char *argv[])
 {
   const char *unix_path = NULL, *log_path = NULL, *provoke = NULL;
-  int log_level = NBDKIT_LOG_WARN, main_loop = 0;
-  long handshake_ms = -1;
+  long log_level = NBDKIT_LOG_WARN, handshake_ms = -1, fail_at = -1;
+  int main_loop = 0;
+  const struct harness_opt opts[] = {
+    { "--unix", HARNESS_STRING, &unix_path, NULL },
+    { "--size", HARNESS_SIZE, &disk_size, NULL },
+    { "--fail-offset", HARNESS_LONG, &fail_at, NULL },
+    { "--log-file", HARNESS_STRING, &log_path, NULL },
+    { "--log-level", HARNESS_LONG, &log_level, NULL },
+    { "--provoke-error", HARNESS_STRING, &provoke, NULL },
+    { "--handshake-timeout-ms", HARNESS_LONG, &handshake_ms, NULL },
+    { "--main-loop", HARNESS_FLAG, &main_loop, NULL },
+    { NULL, 0, NULL, NULL },
+  };
+  static const char usage[] =
+    "--unix PATH [--size N] [--fail-offset OFF] [--log-file FILE --log-level L]"
+    " [--provoke-error PATH] [--handshake-timeout-ms N] [--main-loop]";
 
-  for (int i = 1; i < argc; i++) {
-    const char *a = argv[i];
-    const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-    if (strcmp (a, "--main-loop") == 0) { main_loop = 1; continue; }
-    if (v == NULL) {
-      fprintf (stderr, "HARNESS-ERROR: %s needs a value\n", a);
-      return 1;
-    }
-    i++;
-    if (strcmp (a, "--unix") == 0) unix_path = v;
-    else if (strcmp (a, "--size") == 0) disk_size = strtoull (v, NULL, 0);
-    else if (strcmp (a, "--fail-offset") == 0) fail_offset = strtoll (v, NULL, 0);
-    else if (strcmp (a, "--log-file") == 0) log_path = v;
-    else if (strcmp (a, "--log-level") == 0) log_level = atoi (v);
-    else if (strcmp (a, "--provoke-error") == 0) provoke = v;
-    else if (strcmp (a, "--handshake-timeout-ms") == 0) handshake_ms = atol (v);
-    else {
-      fprintf (stderr, "HARNESS-ERROR: unknown option %s\n", a);
-      return 1;
-    }
-  }
-  if (unix_path == NULL) {
-    fprintf (stderr, "HARNESS-ERROR: --unix is required\n");
-    return 1;
-  }
+  harness_init ("embed_harness");
+  harness_parse (argc, argv, opts, usage);
+  if (unix_path == NULL)
+    harness_usage (usage);
+  fail_offset = fail_at;
 
   if (log_path) {
     log_file = fopen (log_path, "w");
@@ -312,7 +275,7 @@ main (int argc, char *argv[])
       perror (log_path);
       return 1;
     }
-    nbdkit_set_log_callback (log_cb, log_file, log_level);
+    nbdkit_set_log_callback (log_cb, log_file, (int) log_level);
   }
 
   disk = calloc (disk_size ? disk_size : 1, 1);
@@ -333,7 +296,7 @@ main (int argc, char *argv[])
   };
   nbdkit_server *srv = nbdkit_server_new (&plugin, sizeof plugin, disk);
   if (srv == NULL) {
-    fprintf (stderr, "HARNESS-ERROR: nbdkit_server_new returned NULL\n");
+    harness_error ("nbdkit_server_new returned NULL");
     return 1;
   }
   if (handshake_ms >= 0)
@@ -342,28 +305,22 @@ main (int argc, char *argv[])
   if (provoke) {
     int r = nbdkit_server_listen_unix (srv, provoke);
     if (r >= 0) {
-      fprintf (stderr, "HARNESS-ERROR: listening on a regular file succeeded\n");
+      harness_error ("listening on a regular file succeeded");
       return 1;
     }
   }
 
-  sigemptyset (&handled);
-  sigaddset (&handled, SIGINT);
-  sigaddset (&handled, SIGTERM);
-  sigaddset (&handled, SIGUSR1);
-  sigaddset (&handled, SIGUSR2);
-  pthread_sigmask (SIG_BLOCK, &handled, NULL);
-  pthread_t sig_thr, rep_thr;
-  pthread_create (&sig_thr, NULL, signal_thread, srv);
+  the_srv = srv;
+  harness_signals (stop, print_stats, NULL);
+  pthread_t rep_thr;
   pthread_create (&rep_thr, NULL, reply_thread, NULL);
 
   int r = nbdkit_server_listen_unix (srv, unix_path);
   if (r < 0) {
-    fprintf (stderr, "HARNESS-ERROR: nbdkit_server_listen_unix: %d\n", r);
+    harness_error ("nbdkit_server_listen_unix: %d", r);
     return 1;
   }
-  printf ("ready\n");
-  fflush (stdout);
+  harness_say ("ready");
 
   r = main_loop ? nbdkit_main_loop (srv) : host_loop (srv);
 
@@ -372,12 +329,11 @@ main (int argc, char *argv[])
   pthread_cond_broadcast (&q.cond);
   pthread_mutex_unlock (&q.lock);
   pthread_join (rep_thr, NULL);
-  pthread_kill (sig_thr, SIGUSR2);
-  pthread_join (sig_thr, NULL);
+  harness_signals_end ();
 
   nbdkit_server_free (srv);
   free (disk);
   if (log_file)
     fclose (log_file);
-  return r == 0 ? 0 : 1;
+  return harness_status (r);
 }

@@ -41,13 +41,14 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <nbdkit-async.h>
+
+#include "harness.h"
 
 #define DATA_END (1ULL << 20)
 
@@ -89,17 +90,10 @@ struct handle {
 };
 
 static void
-harness_error (const char *what)
-{
-  fprintf (stderr, "HARNESS-ERROR: %s\n", what);
-}
-
-static void
 check_reply (int r, const char *what)
 {
-  if (r != 0) {
-    fprintf (stderr, "HARNESS-ERROR: %s returned %d\n", what, r);
-  }
+  if (r != 0)
+    harness_error ("%s returned %d", what, r);
 }
 
 /* bs512: the library must refuse misaligned requests before we see them. */
@@ -110,8 +104,8 @@ check_aligned (const struct handle *h, uint64_t offset, uint32_t count,
   if (h->e->mode != BS512)
     return;
   if (offset % 512 != 0 || count % 512 != 0 || (max && count > max))
-    fprintf (stderr, "HARNESS-ERROR: misaligned request reached the plugin: "
-             "offset %llu count %u\n", (unsigned long long) offset, count);
+    harness_error ("misaligned request reached the plugin: offset %llu count %u",
+                   (unsigned long long) offset, count);
 }
 
 static void *
@@ -394,31 +388,21 @@ static const struct nbdkit_plugin_lowlevel plugin = {
   .export_description = fh_export_description,
 };
 
-static void
-on_signal (int sig)
-{
-  (void) sig;
-  nbdkit_shutdown ();
-}
-
 int
 main (int argc, char *argv[])
 {
   const char *unix_path = NULL;
-  for (int i = 1; i < argc; i++) {
-    if (strcmp (argv[i], "--unix") == 0 && i + 1 < argc)
-      unix_path = argv[++i];
-    else if (strcmp (argv[i], "--size") == 0 && i + 1 < argc)
-      disk_size = strtoull (argv[++i], NULL, 10);
-    else {
-      fprintf (stderr, "usage: features_harness --unix PATH [--size BYTES]\n");
-      return 2;
-    }
-  }
-  if (unix_path == NULL) {
-    fprintf (stderr, "usage: features_harness --unix PATH [--size BYTES]\n");
-    return 2;
-  }
+  const struct harness_opt opts[] = {
+    { "--unix", HARNESS_STRING, &unix_path, NULL },
+    { "--size", HARNESS_SIZE, &disk_size, NULL },
+    { NULL, 0, NULL, NULL },
+  };
+  static const char usage[] = "--unix PATH [--size BYTES]";
+
+  harness_init ("features_harness");
+  harness_parse (argc, argv, opts, usage);
+  if (unix_path == NULL)
+    harness_usage (usage);
 
   nbdkit_server *srv = nbdkit_server_new (&plugin, sizeof plugin, NULL);
   if (srv == NULL) {
@@ -428,24 +412,6 @@ main (int argc, char *argv[])
   check_reply (nbdkit_server_set_export_name (srv, "good"), "set_export_name");
   check_reply (nbdkit_server_set_export_description (srv, "server-wide description"),
                "set_export_description");
-
-  struct sigaction sa;
-  memset (&sa, 0, sizeof sa);
-  sa.sa_handler = on_signal;
-  sigaction (SIGINT, &sa, NULL);
-  sigaction (SIGTERM, &sa, NULL);
-
-  if (nbdkit_server_listen_unix (srv, unix_path) < 0) {
-    harness_error ("listen failed");
-    nbdkit_server_free (srv);
-    return 1;
-  }
-  printf ("ready\n");
-  fflush (stdout);
-
-  int r = nbdkit_main_loop (srv);
-  printf ("main_loop returned %d\n", r);
-  fflush (stdout);
-  nbdkit_server_free (srv);
-  return r == 0 ? 0 : 1;
+  harness_signals (NULL, NULL, NULL);
+  return harness_status (harness_serve (srv, unix_path));
 }

@@ -30,16 +30,15 @@
  * nbdkit_main_loop returned and the server was freed:
  *   max_global N / max_per_handle N / max_open N / opens N / closes N /
  *   calls N / main_loop returned R
+ * On SIGUSR1 a line of the server's counters (see harness.h):
+ *   STATS connections=N connections_total=N in_flight=N req=... ...
  * Self-check failures go to stderr prefixed "HARNESS-ERROR"; the exit
  * status is 0 only when main_loop returned 0 and no self-check failed.
  * SIGTERM and SIGINT call nbdkit_shutdown().
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <getopt.h>
 #include <pthread.h>
-#include <signal.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -49,6 +48,8 @@
 #include <unistd.h>
 
 #include <nbdkit-async.h>
+
+#include "harness.h"
 
 #define MIB (UINT64_C (1) << 20)
 #define HANDLE_MAGIC UINT32_C (0x73796e63)
@@ -72,19 +73,6 @@ static struct handle the_shared_handle;
 
 static atomic_int cur_global, max_global, max_per_handle;
 static atomic_int cur_open, max_open, opens, closes, calls;
-static atomic_int harness_errors;
-
-static void
-harness_error (const char *fmt, ...)
-{
-  va_list ap;
-  va_start (ap, fmt);
-  fprintf (stderr, "HARNESS-ERROR: ");
-  vfprintf (stderr, fmt, ap);
-  fprintf (stderr, "\n");
-  va_end (ap);
-  atomic_fetch_add (&harness_errors, 1);
-}
 
 static void
 update_max (atomic_int *max, int v)
@@ -312,51 +300,35 @@ static struct nbdkit_plugin plugin = {
 
 /* ------------------------------------------------------------ main */
 
-static void on_signal (int sig) { (void) sig; nbdkit_shutdown (); }
+static nbdkit_server *srv;
 
-static void
-usage (void)
-{
-  fprintf (stderr,
-           "usage: sync_harness --model serialize-connections|serialize-all-requests|"
-           "serialize-requests|parallel --unix PATH [--threads N] [--sleep-ms N]"
-           " [--fail-errno E] [--size BYTES] [--shared-handle]\n");
-  exit (2);
-}
+static void print_stats (void) { harness_print_stats (srv, NULL); }
 
 int
 main (int argc, char *argv[])
 {
-  static const struct option opts[] = {
-    { "model", required_argument, NULL, 'm' },
-    { "unix", required_argument, NULL, 'u' },
-    { "threads", required_argument, NULL, 't' },
-    { "sleep-ms", required_argument, NULL, 's' },
-    { "fail-errno", required_argument, NULL, 'e' },
-    { "size", required_argument, NULL, 'S' },
-    { "shared-handle", no_argument, NULL, 'H' },
-    { NULL, 0, NULL, 0 },
-  };
   const char *unix_path = NULL, *model = NULL;
-  long threads = 0;
-  int c;
+  long threads = 0, fail = 0;
+  const struct harness_opt opts[] = {
+    { "--model", HARNESS_STRING, &model, NULL },
+    { "--unix", HARNESS_STRING, &unix_path, NULL },
+    { "--threads", HARNESS_LONG, &threads, NULL },
+    { "--sleep-ms", HARNESS_LONG, &sleep_ms, NULL },
+    { "--fail-errno", HARNESS_LONG, &fail, NULL },
+    { "--size", HARNESS_SIZE, &disk_size, NULL },
+    { "--shared-handle", HARNESS_FLAG, &shared_handle, NULL },
+    { NULL, 0, NULL, NULL },
+  };
+  static const char usage[] =
+    "--model serialize-connections|serialize-all-requests|"
+    "serialize-requests|parallel --unix PATH [--threads N] [--sleep-ms N]"
+    " [--fail-errno E] [--size BYTES] [--shared-handle]";
 
-  setvbuf (stdout, NULL, _IOLBF, 0);
-  while ((c = getopt_long (argc, argv, "", opts, NULL)) != -1) {
-    switch (c) {
-    case 'm': model = optarg; break;
-    case 'u': unix_path = optarg; break;
-    case 't': threads = strtol (optarg, NULL, 10); break;
-    case 's': sleep_ms = strtol (optarg, NULL, 10); break;
-    case 'e': fail_errno = (int) strtol (optarg, NULL, 10); break;
-    case 'S': disk_size = strtoull (optarg, NULL, 10); break;
-    case 'H': shared_handle = 1; break;
-    default: usage ();
-    }
-  }
-  if (optind != argc || unix_path == NULL || model == NULL || threads < 0 ||
-      sleep_ms < 0 || fail_errno < 0 || disk_size == 0 || disk_size > 1024 * MIB)
-    usage ();
+  harness_init ("sync_harness");
+  harness_parse (argc, argv, opts, usage);
+  fail_errno = (int) fail;
+  if (unix_path == NULL || model == NULL || disk_size > 1024 * MIB)
+    harness_usage (usage);
   if (strcmp (model, "serialize-connections") == 0)
     plugin.thread_model = NBDKIT_THREAD_MODEL_SERIALIZE_CONNECTIONS;
   else if (strcmp (model, "serialize-all-requests") == 0)
@@ -366,7 +338,7 @@ main (int argc, char *argv[])
   else if (strcmp (model, "parallel") == 0)
     plugin.thread_model = NBDKIT_THREAD_MODEL_PARALLEL;
   else
-    usage ();
+    harness_usage (usage);
 
   disk = malloc (disk_size);
   if (disk == NULL) {
@@ -376,7 +348,7 @@ main (int argc, char *argv[])
   for (uint64_t i = 0; i < disk_size; i++)
     disk[i] = (unsigned char) (i % 251);
 
-  nbdkit_server *srv = nbdkit_server_new_sync (&plugin, sizeof plugin, &disk);
+  srv = nbdkit_server_new_sync (&plugin, sizeof plugin, &disk);
   if (srv == NULL) {
     fprintf (stderr, "nbdkit_server_new_sync failed\n");
     return 1;
@@ -385,19 +357,17 @@ main (int argc, char *argv[])
     fprintf (stderr, "nbdkit_server_set_threads failed\n");
     return 1;
   }
-  struct sigaction sa = { .sa_handler = on_signal };
-  sigaction (SIGINT, &sa, NULL);
-  sigaction (SIGTERM, &sa, NULL);
+  harness_signals (NULL, print_stats, NULL);
 
-  int r = nbdkit_server_listen_unix (srv, unix_path);
-  if (r < 0) {
-    fprintf (stderr, "listen %s: %s\n", unix_path, strerror (-r));
+  int r = harness_listen (srv, unix_path);
+  if (r < 0)
     return 1;
-  }
-  printf ("nbd+unix:///?socket=%s\n", unix_path);
+  harness_say ("nbd+unix:///?socket=%s", unix_path);
 
   r = nbdkit_main_loop (srv);
+  harness_signals_end ();
   nbdkit_server_free (srv);     /* joins the workers, closes what is left */
+  srv = NULL;
 
   if (atomic_load (&cur_global) != 0)
     harness_error ("%d callbacks still running after the server was freed",
@@ -405,13 +375,13 @@ main (int argc, char *argv[])
   if (atomic_load (&opens) != atomic_load (&closes))
     harness_error ("%d handles opened, %d closed",
                    atomic_load (&opens), atomic_load (&closes));
-  printf ("max_global %d\n", atomic_load (&max_global));
-  printf ("max_per_handle %d\n", atomic_load (&max_per_handle));
-  printf ("max_open %d\n", atomic_load (&max_open));
-  printf ("opens %d\n", atomic_load (&opens));
-  printf ("closes %d\n", atomic_load (&closes));
-  printf ("calls %d\n", atomic_load (&calls));
-  printf ("main_loop returned %d\n", r);
+  harness_say ("max_global %d", atomic_load (&max_global));
+  harness_say ("max_per_handle %d", atomic_load (&max_per_handle));
+  harness_say ("max_open %d", atomic_load (&max_open));
+  harness_say ("opens %d", atomic_load (&opens));
+  harness_say ("closes %d", atomic_load (&closes));
+  harness_say ("calls %d", atomic_load (&calls));
+  harness_say ("main_loop returned %d", r);
   free (disk);
-  return r == 0 && atomic_load (&harness_errors) == 0 ? 0 : 1;
+  return harness_status (r);
 }

@@ -22,7 +22,6 @@
 #define _GNU_SOURCE
 #include <ctype.h>
 #include <errno.h>
-#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,17 +29,13 @@
 
 #include <nbdkit-async.h>
 
+#include "harness.h"
+
 #define DISK_SIZE (1u << 20)
 #define MAX_ALLOW 16
 
 static const char *allow[MAX_ALLOW];
 static int nallow;
-
-static void
-harness_error (const char *what)
-{
-  fprintf (stderr, "HARNESS-ERROR: %s\n", what);
-}
 
 /* ---------------------------------------------------------------------
  * SHA-256 (FIPS 180-4), small and self-contained.
@@ -142,10 +137,8 @@ check_no_certificate (const char *where)
 {
   size_t len = 12345;
   const uint8_t *cert = nbdkit_tls_peer_certificate (&len);
-  if (cert != NULL) {
-    fprintf (stderr, "HARNESS-ERROR: peer certificate visible in %s "
-             "(%zu bytes)\n", where, len);
-  }
+  if (cert != NULL)
+    harness_error ("peer certificate visible in %s (%zu bytes)", where, len);
 }
 
 /* ---------------------------------------------------------------------
@@ -220,50 +213,47 @@ static const struct nbdkit_plugin_lowlevel plugin = {
   .pread = th_pread,
 };
 
+static int tls_mode = NBDKIT_TLS_REQUIRE;
+static const char usage[] = "--unix PATH --tls-certificates DIR "
+  "[--tls on|require] [--verify-peer] [--allow FINGERPRINT]...";
+
 static void
-on_signal (int sig)
+opt_tls (const char *v)
 {
-  (void) sig;
-  nbdkit_shutdown ();
+  if (strcmp (v, "on") == 0)
+    tls_mode = NBDKIT_TLS_ALLOW;
+  else if (strcmp (v, "require") == 0)
+    tls_mode = NBDKIT_TLS_REQUIRE;
+  else
+    harness_usage (usage);
 }
 
 static void
-usage (void)
+opt_allow (const char *v)
 {
-  fprintf (stderr, "usage: tls_harness --unix PATH --tls-certificates DIR "
-           "[--tls on|require] [--verify-peer] [--allow FINGERPRINT]...\n");
-  exit (2);
+  if (nallow == MAX_ALLOW)
+    harness_usage (usage);
+  allow[nallow++] = v;
 }
 
 int
 main (int argc, char *argv[])
 {
   const char *unix_path = NULL, *dir = NULL;
-  int mode = NBDKIT_TLS_REQUIRE, verify = 0;
-  for (int i = 1; i < argc; i++) {
-    if (strcmp (argv[i], "--unix") == 0 && i + 1 < argc)
-      unix_path = argv[++i];
-    else if (strcmp (argv[i], "--tls-certificates") == 0 && i + 1 < argc)
-      dir = argv[++i];
-    else if (strcmp (argv[i], "--tls") == 0 && i + 1 < argc) {
-      i++;
-      if (strcmp (argv[i], "on") == 0)
-        mode = NBDKIT_TLS_ALLOW;
-      else if (strcmp (argv[i], "require") == 0)
-        mode = NBDKIT_TLS_REQUIRE;
-      else
-        usage ();
-    }
-    else if (strcmp (argv[i], "--verify-peer") == 0)
-      verify = 1;
-    else if (strcmp (argv[i], "--allow") == 0 && i + 1 < argc &&
-             nallow < MAX_ALLOW)
-      allow[nallow++] = argv[++i];
-    else
-      usage ();
-  }
+  int verify = 0;
+  const struct harness_opt opts[] = {
+    { "--unix", HARNESS_STRING, &unix_path, NULL },
+    { "--tls-certificates", HARNESS_STRING, &dir, NULL },
+    { "--tls", HARNESS_CALL, NULL, opt_tls },
+    { "--verify-peer", HARNESS_FLAG, &verify, NULL },
+    { "--allow", HARNESS_CALL, NULL, opt_allow },
+    { NULL, 0, NULL, NULL },
+  };
+
+  harness_init ("tls_harness");
+  harness_parse (argc, argv, opts, usage);
   if (unix_path == NULL || dir == NULL)
-    usage ();
+    harness_usage (usage);
 
   /* Outside any connection there is no certificate either. */
   check_no_certificate ("main");
@@ -274,30 +264,12 @@ main (int argc, char *argv[])
     return 1;
   }
   if (nbdkit_server_set_tls_certificates (srv, dir) != 0 ||
-      nbdkit_server_set_tls (srv, mode) != 0 ||
+      nbdkit_server_set_tls (srv, tls_mode) != 0 ||
       nbdkit_server_set_tls_verify_peer (srv, verify) != 0) {
     harness_error ("TLS set-up failed");
     nbdkit_server_free (srv);
     return 1;
   }
-
-  struct sigaction sa;
-  memset (&sa, 0, sizeof sa);
-  sa.sa_handler = on_signal;
-  sigaction (SIGINT, &sa, NULL);
-  sigaction (SIGTERM, &sa, NULL);
-
-  if (nbdkit_server_listen_unix (srv, unix_path) < 0) {
-    harness_error ("listen failed");
-    nbdkit_server_free (srv);
-    return 1;
-  }
-  printf ("ready\n");
-  fflush (stdout);
-
-  int r = nbdkit_main_loop (srv);
-  printf ("main_loop returned %d\n", r);
-  fflush (stdout);
-  nbdkit_server_free (srv);
-  return r == 0 ? 0 : 1;
+  harness_signals (NULL, NULL, NULL);
+  return harness_status (harness_serve (srv, unix_path));
 }
