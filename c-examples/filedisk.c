@@ -313,6 +313,14 @@ main (int argc, char *argv[])
   fflush (stdout);
 
   int r = nbdkit_main_loop (srv);
+  /* A worker stuck in a read of a dead disk would hold up the join in
+   * nbdkit_server_free: then exit without freeing. */
+  struct nbdkit_stats st;
+  if (nbdkit_server_stats (srv, &st, sizeof st) == 0 && st.requests_in_flight > 0) {
+    fprintf (stderr, "filedisk: %llu requests still running; exiting without waiting\n",
+             (unsigned long long) st.requests_in_flight);
+    return EXIT_FAILURE;
+  }
   nbdkit_server_free (srv);     /* joins the worker threads */
   for (int i = 0; i < nfiles; i++)
     close (files[i].fd);

@@ -257,10 +257,12 @@ static int
 g_zero (nbdkit_op *op, void *h, uint32_t count, uint64_t offset, uint32_t flags)
 {
   struct image *img = h;
-  /* Whole objects are zeroed by removing them: fast. Part of an object
-   * means writing zeroes, which a FAST_ZERO client does not want. */
+  /* Whole objects are zeroed by removing them (when holes are allowed):
+   * fast. Part of an object, or a client that forbids holes, means
+   * writing zeroes, which a FAST_ZERO client does not want. */
   if ((flags & NBDKIT_FLAG_FAST_ZERO) &&
-      (offset % img->object_size != 0 || count % img->object_size != 0))
+      (!(flags & NBDKIT_FLAG_MAY_TRIM) ||     /* NO_HOLE: must write zeroes */
+       offset % img->object_size != 0 || count % img->object_size != 0))
     return -ENOTSUP;
   int zero_flags = (flags & NBDKIT_FLAG_MAY_TRIM) ? 0
                    : RBD_WRITE_ZEROES_FLAG_THICK_PROVISION;
@@ -337,7 +339,15 @@ extents_worker (void *arg)
     }
     if ((ext.head = j->next) == NULL)
       ext.tail = &ext.head;
+    bool stopping = ext.stopping;
+    if (!stopping)
+      atomic_fetch_add (&in_librbd, 1);   /* shutdown waits for it */
     pthread_mutex_unlock (&ext.lock);
+    if (stopping) {             /* the cluster may be gone: do not ask it */
+      nbdkit_reply_error (j->op, ESHUTDOWN);
+      free (j);
+      continue;
+    }
 
     a->n = 0;
     a->pos = j->offset;
@@ -352,6 +362,11 @@ extents_worker (void *arg)
       nbdkit_reply_extents (j->op, a->e, a->n);
     }
     free (j);
+    if (atomic_fetch_sub (&in_librbd, 1) == 1) {
+      pthread_mutex_lock (&drained_lock);
+      pthread_cond_broadcast (&drained);
+      pthread_mutex_unlock (&drained_lock);
+    }
   }
   free (a);
   return NULL;
@@ -546,17 +561,19 @@ main (int argc, char *argv[])
 
   int r = nbdkit_main_loop (srv);
 
+  /* Block-status jobs still queued are answered ESHUTDOWN without asking
+   * the cluster; one already running counts in in_librbd. */
   pthread_mutex_lock (&ext.lock);
   ext.stopping = true;
   pthread_cond_broadcast (&ext.cond);
   pthread_mutex_unlock (&ext.lock);
-  pthread_join (extents, NULL);
   pthread_kill (signals, SIGTERM);
   pthread_join (signals, NULL);
 
   /* Requests still inside librbd (the grace period passed) write into
-   * buffers the server owns: wait for them before freeing it. If the
-   * cluster never answers, leave everything allocated and exit. */
+   * buffers the server owns: wait for them, at most 30 s, before freeing
+   * it. If the cluster never answers, leave everything allocated and
+   * exit. */
   struct timespec until;
   clock_gettime (CLOCK_REALTIME, &until);
   until.tv_sec += 30;
@@ -571,6 +588,7 @@ main (int argc, char *argv[])
              "releasing their buffers\n", left);
     return EXIT_FAILURE;
   }
+  pthread_join (extents, NULL);   /* idle now: it sees stopping and ends */
   nbdkit_server_free (srv);     /* closes the images still open */
   rados_ioctx_destroy (pool_io);
   rados_shutdown (cluster);

@@ -638,10 +638,11 @@ int nbdkit_add_export(struct nbdkit_exports *exports, const char *name, const ch
  * without waiting for the socket. After it returns the op handle and any
  * buffer the callback received are no longer the plugin's to touch.
  *
- * Returns 0, or a negative errno when the reply could not be delivered
- * (-ESTALE: unknown op or server; -ESHUTDOWN: the server has stopped).
- * A second reply to the same op is detected by the loop, logged, and
- * ignored.
+ * Returns 0 once the reply is queued, or a negative errno when it could
+ * not be: -EINVAL for NULL, -ESTALE when the op's server was freed,
+ * -ESHUTDOWN when its loop has stopped. A second reply to an op, or one
+ * with a made-up handle of a live server, is queued (0), then found out
+ * by the loop, logged, and ignored.
  */
 int nbdkit_reply(struct nbdkit_op *op);
 

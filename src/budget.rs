@@ -29,10 +29,11 @@ impl Budget {
         self.total += bytes;
     }
 
-    /// Bytes a connection gave back (it was dropped).
-    pub(crate) fn remove(&mut self, conn: ConnId, bytes: usize) {
+    /// Bytes a connection gave back (it was dropped). True when that
+    /// ended its turn past the cap.
+    pub(crate) fn remove(&mut self, conn: ConnId, bytes: usize) -> bool {
         self.total -= bytes;
-        self.release_exempt(conn);
+        self.release_exempt(conn)
     }
 
     /// Takes out the bytes of the connection about to be serviced: while
@@ -43,12 +44,11 @@ impl Budget {
 
     /// Puts them back once it is done; `idle` when it has nothing beyond
     /// the cap left (no request dispatched, no payload coming in), which
-    /// ends its exemption.
-    pub(crate) fn leave(&mut self, conn: ConnId, held: usize, idle: bool) {
+    /// ends its exemption. True when a turn past the cap ended: the
+    /// connections the cap paused must then be woken to take it.
+    pub(crate) fn leave(&mut self, conn: ConnId, held: usize, idle: bool) -> bool {
         self.total += held;
-        if idle {
-            self.release_exempt(conn); // its one request past the cap was answered
-        }
+        idle && self.release_exempt(conn) // its one request past the cap was answered
     }
 
     /// May `conn`, holding `held` bytes, read another request? Under the
@@ -78,11 +78,13 @@ impl Budget {
         self.exempt
     }
 
-    /// Ends `conn`'s exemption, if it has one: the next may go.
-    pub(crate) fn release_exempt(&mut self, conn: ConnId) {
-        if self.exempt.is_some_and(|(c, _)| c == conn) {
+    /// Ends `conn`'s exemption, if it has one (then true): the next may go.
+    pub(crate) fn release_exempt(&mut self, conn: ConnId) -> bool {
+        let ends = self.exempt.is_some_and(|(c, _)| c == conn);
+        if ends {
             self.exempt = None;
         }
+        ends
     }
 }
 
@@ -98,18 +100,18 @@ mod tests {
         b.enter(90);
         assert!(b.admits((1, 1), 90, now), "under the cap with its own 90");
         assert!(!b.admits((1, 1), 120, now), "over, holding something");
-        b.leave((1, 1), 120, false);
+        assert!(!b.leave((1, 1), 120, false));
         b.enter(0);
         assert!(b.admits((2, 2), 0, now), "over, holding nothing: exempt");
         b.leave((2, 2), 10, false);
         b.enter(0);
         assert!(!b.admits((3, 3), 0, now), "one exemption at a time");
-        b.leave((3, 3), 0, true);
+        assert!(!b.leave((3, 3), 0, true), "not its turn to end");
         assert_eq!(b.exempt().map(|e| e.0), Some((2, 2)));
-        b.remove((2, 2), 10);
-        assert_eq!(b.exempt(), None, "a dropped connection ends its exemption");
+        assert!(b.remove((2, 2), 10), "a dropped connection ends its exemption");
+        assert_eq!(b.exempt(), None);
         assert!(!b.has_room());
-        b.remove((1, 1), 120);
+        assert!(!b.remove((1, 1), 120));
         assert!(b.has_room());
     }
 }

@@ -178,14 +178,30 @@ pub struct EventLoop {
 
 /// Connections the first loop accepted for another loop of the server.
 pub struct Handoff {
-    streams: Mutex<Vec<Stream>>,
+    /// None once that loop has ended: it takes no more.
+    streams: Mutex<Option<Vec<Stream>>>,
     completions: Arc<Completions>,
 }
 
 impl Handoff {
-    fn give(&self, stream: Stream) {
-        self.streams.lock().push(stream);
+    /// Hands `stream` over; gives it back if that loop has ended.
+    fn give(&self, stream: Stream) -> Result<(), Stream> {
+        match &mut *self.streams.lock() {
+            Some(queue) => queue.push(stream),
+            None => return Err(stream),
+        }
         self.completions.wake();
+        Ok(())
+    }
+
+    fn take(&self) -> Vec<Stream> {
+        self.streams.lock().as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// That loop has ended (or failed): streams still queued are closed,
+    /// and later ones are served elsewhere.
+    pub fn close(&self) {
+        drop(self.streams.lock().take());
     }
 }
 
@@ -211,7 +227,8 @@ impl EventLoop {
         l.config = parts.config;
         l.state.next_serial = 1 + parts.index as u64;
         l.state.is_sibling = true;
-        let handoff = Arc::new(Handoff { streams: Mutex::new(Vec::new()), completions: l.shared.completions.clone() });
+        let handoff =
+            Arc::new(Handoff { streams: Mutex::new(Some(Vec::new())), completions: l.shared.completions.clone() });
         l.state.handoff = Some(handoff.clone());
         Ok((l, handoff))
     }
@@ -275,11 +292,13 @@ impl EventLoop {
         if self.config.tls_mode != TlsMode::Off {
             self.config.tls = Some(self.config.tls_settings.build()?);
         }
-        self.state.started = true;
         self.state.handshakes = self.config.handshake_timeout.map(Deadlines::new);
         self.state.requests = self.config.request_timeout.map(Deadlines::new);
         self.state.budget = Budget::new(self.config.max_total_bytes / self.config.loops);
+        // Started only once the workers run: a failure here is retried by
+        // the next call rather than leaving a server that answers nothing.
         self.plugin.start_workers(self.config.threads)?;
+        self.state.started = true;
         for stream in std::mem::take(&mut self.state.pending) {
             self.admit(stream, Instant::now());
         }
@@ -296,6 +315,9 @@ impl EventLoop {
     /// replies, but frees no op, so buffers the plugin holds stay valid.
     /// The caller then leaks the loop.
     pub fn abandon(&mut self) {
+        if let Some(handoff) = &self.state.handoff {
+            handoff.close();
+        }
         self.shared.completions.close();
         self.listeners.clear();
         for (_, c) in self.state.conns.iter_mut() {
@@ -353,8 +375,7 @@ impl EventLoop {
         }
         let now = Instant::now();
         if let Some(handoff) = self.state.handoff.clone() {
-            let streams = std::mem::take(&mut *handoff.streams.lock());
-            for stream in streams {
+            for stream in handoff.take() {
                 self.admit(stream, now);
             }
         }
@@ -421,6 +442,11 @@ impl EventLoop {
             self.service(key, now);
         }
         self.state.touched = touched;
+        if self.state.budget.has_room() && !self.state.ops.is_full() {
+            // Replies just sent freed memory: paused connections read again
+            // on the next turn, without waiting for an unrelated event.
+            self.state.again.append(&mut self.state.starved);
+        }
         if self.state.stopping_since.is_none()
             && self.listeners.is_empty()
             && self.state.conns.is_empty()
@@ -434,6 +460,9 @@ impl EventLoop {
     /// After shutdown: refuse late replies and release idle connections.
     fn finish(&mut self) {
         self.state.finished = true;
+        if let Some(handoff) = &self.state.handoff {
+            handoff.close();
+        }
         self.shared.completions.close();
         self.release_idle();
         log::info!("{}: stopped", self.plugin.name());
@@ -490,7 +519,9 @@ impl EventLoop {
             s.buffers.give(buf);
         }
         let idle = conn.dispatched_bytes() == 0 && !conn.receiving();
-        s.budget.leave((key, conn.serial), conn.held_total(), idle);
+        if s.budget.leave((key, conn.serial), conn.held_total(), idle) {
+            s.again.append(&mut s.starved); // the turn past the cap is free
+        }
         Some(r)
     }
 
@@ -513,9 +544,12 @@ impl EventLoop {
             // on the loop it is given for its whole life.
             let turn = self.state.next_loop;
             self.state.next_loop = (turn + 1) % (self.state.siblings.len() + 1);
-            match turn.checked_sub(1).and_then(|i| self.state.siblings.get(i)) {
+            let handed = match turn.checked_sub(1).and_then(|i| self.state.siblings.get(i)) {
                 Some(sibling) => sibling.give(stream),
-                None => self.admit(stream, now),
+                None => Err(stream),
+            };
+            if let Err(stream) = handed {
+                self.admit(stream, now); // its turn, or its loop has ended
             }
         }
     }
@@ -528,6 +562,10 @@ impl EventLoop {
 
     /// Takes a new client in: registered, counted, greeted unless it must wait.
     fn admit(&mut self, stream: Stream, now: Instant) {
+        if self.state.stopping_since.is_some() {
+            log::debug!("a client handed over while this loop stops; closed");
+            return;
+        }
         // 32 MiB read replies otherwise leave in ~200 KiB pieces, each
         // costing a write and an epoll round trip.
         stream.grow_send_buffer(SEND_BUFFER);
@@ -633,7 +671,9 @@ impl EventLoop {
         }
         if finished {
             let mut conn = s.conns.remove(key);
-            s.budget.remove((key, conn.serial), conn.held_total());
+            if s.budget.remove((key, conn.serial), conn.held_total()) {
+                s.again.append(&mut s.starved);
+            }
             self.shared.stats.disconnected();
             if let Some(stream) = conn.stream_mut() {
                 let _ = self.poll.registry().deregister(stream);

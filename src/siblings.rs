@@ -28,16 +28,20 @@ impl Siblings {
         let (done_tx, done) = channel();
         let freed = Arc::new((Mutex::new(false), Condvar::new()));
         let mut threads = Vec::new();
+        let mut failed = None;
         for index in 1..first.config.loops {
-            let plugin = first.plugin.for_another_loop().ok_or_else(|| io::Error::from_raw_os_error(libc::ENOTSUP))?;
+            let Some(plugin) = first.plugin.for_another_loop() else {
+                failed = Some(io::Error::from_raw_os_error(libc::ENOTSUP));
+                break;
+            };
             let parts = SiblingParts { plugin, config: first.config.clone(), stats: first.shared.stats.clone(), index };
             let (ready_tx, done_tx, freed) = (ready_tx.clone(), done_tx.clone(), freed.clone());
-            let thread = std::thread::Builder::new().name(format!("nbdkit-loop-{index}")).spawn(move || {
+            let spawned = std::thread::Builder::new().name(format!("nbdkit-loop-{index}")).spawn(move || {
                 let (mut l, handoff) = match EventLoop::sibling(parts) {
                     Ok(made) => made,
                     Err(e) => return drop(ready_tx.send(Err(e))),
                 };
-                let _ = ready_tx.send(Ok((handoff, l.shared.clone())));
+                let _ = ready_tx.send(Ok((handoff.clone(), l.shared.clone())));
                 match run_guarded("event loop", &mut l, |l| l.run()) {
                     Ok(result) => {
                         let _ = done_tx.send(result);
@@ -51,33 +55,48 @@ impl Siblings {
                         drop(l);
                     }
                     Err(()) => {
+                        // Its memory stays (the plugin may hold buffers);
+                        // new clients go to the other loops.
+                        handoff.close();
                         std::mem::forget(l);
                         let _ = done_tx.send(Err(io::Error::from_raw_os_error(libc::EIO)));
                     }
                 }
-            })?;
-            threads.push(thread);
+            });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
         drop(ready_tx);
-        let mut siblings = Siblings { stops: Vec::new(), threads: Mutex::new(threads), done: Mutex::new(done), freed };
+        let mut siblings =
+            Siblings { stops: Vec::new(), threads: Mutex::new(Vec::new()), done: Mutex::new(done), freed };
         let mut handoffs = Vec::new();
-        for _ in 1..first.config.loops {
+        // Every thread started answers, whatever the others did: only then
+        // can each be stopped and joined.
+        for _ in 0..threads.len() {
             match ready_rx.recv() {
                 Ok(Ok((handoff, shared))) => {
                     handoffs.push(handoff);
                     siblings.stops.push(shared);
                 }
                 Ok(Err(e)) => {
-                    siblings.stop();
-                    siblings.release();
-                    return Err(e);
+                    failed.get_or_insert(e);
                 }
                 Err(_) => {
-                    siblings.stop();
-                    siblings.release();
-                    return Err(io::Error::other("an event loop thread died at start"));
+                    failed.get_or_insert(io::Error::other("an event loop thread died at start"));
                 }
             }
+        }
+        *siblings.threads.lock() = threads;
+        if let Some(e) = failed {
+            siblings.stop();
+            let _ = siblings.wait();
+            siblings.release();
+            return Err(e);
         }
         first.share_with(handoffs);
         Ok(siblings)

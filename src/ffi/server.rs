@@ -297,7 +297,10 @@ pub extern "C" fn nbdkit_server_free(srv: *mut nbdkit_server) {
             log::error!("nbdkit_server_free: the server's loop is running; not freed");
             return;
         }
-        if let Some(siblings) = s.siblings.lock().take() {
+        // Taken out first: a plugin's close on a loop being released may
+        // call nbdkit_server_shutdown, which takes this lock.
+        let siblings = s.siblings.lock().take();
+        if let Some(siblings) = siblings {
             siblings.release();
         }
         // SAFETY: srv came from Box::into_raw in nbdkit_server_new, and no

@@ -208,9 +208,16 @@ impl WorkerPool {
         self.shared.work.notify_one();
     }
 
-    /// Lets queued jobs finish, then joins every worker.
+    /// Drops the jobs no worker has started (the server is being freed:
+    /// their clients were answered, and running them now would apply
+    /// writes after the fact), waits for the running ones, and joins every
+    /// worker.
     pub fn stop(&mut self) {
-        self.shared.state.lock().stopping = true;
+        {
+            let mut s = self.shared.state.lock();
+            s.stopping = true;
+            s.queue.clear();
+        }
         self.shared.work.notify_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
