@@ -898,13 +898,15 @@ int nbdkit_server_set_threads(struct nbdkit_server *srv, uint32_t threads);
  * must be thread-safe; a reply may be given from any thread as before.
  * `nbdkit_main_loop` runs the first loop on its caller's thread and starts
  * the others; `nbdkit_server_process` serves one loop only and refuses a
- * server set to more. The memory limit over all connections is shared out
+ * server set to more. At `nbdkit_server_free`, the `close` of a connection
+ * whose ops the plugin still held runs on its own loop's thread. The memory limit over all connections is shared out
  * evenly between the loops. Set-up thread only.
  *
  * Returns 0; -EINVAL for 0 or more than 64; -ENOTSUP for a synchronous
  * plugin (give it more threads with `nbdkit_server_set_threads`).
  */
-int nbdkit_server_set_loops(struct nbdkit_server *srv, uint32_t loops);
+int nbdkit_server_set_loops(struct nbdkit_server *srv,
+                            uint32_t loops);
 
 /**
  * Caps the connections served at once (0, the default, means no cap).
