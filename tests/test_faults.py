@@ -131,6 +131,20 @@ def raw(srv):
     return Client(path=srv.sock).connect()
 
 
+def stall_writers(srv, conns, senders, n=8):
+    """n connections each send a WRITE header for 32 MiB and 30 MiB of its
+    payload, then stall; returns once one stalled payload is all in."""
+    chunk = b"\x5a" * (30 * MiB)
+    for k in range(n):
+        c = raw(srv)
+        conns.append(c)
+        s = Sender(c.s, c.request_bytes(CMD_WRITE, k * 4 * MiB, 32 * MiB) + chunk)
+        s.start()
+        senders.append(s)
+    srv.wait_for(lambda: any(not s.is_alive() for s in senders), 10,
+                 "a stalled WRITE's 30 MiB to be taken in")
+
+
 def settled(srv, at_least, timeout=8, quiet=0.4):
     """Waits until at least `at_least` ops reached the plugin (the case is
     exercised), then until their count stops changing; returns it. The
@@ -702,18 +716,10 @@ def test_total_memory_cap_partial_payloads(start):
     conns, senders = [], []
     try:
         base = srv.rss_kib()
-        chunk = b"\x5a" * (30 * MiB)
-        for k in range(8):
-            c = raw(srv)
-            conns.append(c)
-            s = Sender(c.s, c.request_bytes(CMD_WRITE, k * 4 * MiB, 32 * MiB) + chunk)
-            s.start()
-            senders.append(s)
+        stall_writers(srv, conns, senders)
         # Waits until the payloads the server started are all in (their
         # senders are done) and nothing more moves: the quiet window is the
         # time given to the server to take in more than the caps allow.
-        srv.wait_for(lambda: any(not s.is_alive() for s in senders), 10,
-                     "a stalled WRITE's 30 MiB to be taken in")
         deadline = time.monotonic() + 10
         last, since = None, time.monotonic()
         while time.monotonic() < deadline:
@@ -759,15 +765,7 @@ def test_client_arriving_during_a_stalled_turn_is_served(start):
     srv = start("thread", "--memory-limits", "256M:16M")
     conns, senders = [], []
     try:
-        chunk = b"\x5a" * (30 * MiB)
-        for k in range(8):
-            c = raw(srv)
-            conns.append(c)
-            s = Sender(c.s, c.request_bytes(CMD_WRITE, k * 4 * MiB, 32 * MiB) + chunk)
-            s.start()
-            senders.append(s)
-        srv.wait_for(lambda: any(not s.is_alive() for s in senders), 10,
-                     "a stalled WRITE's 30 MiB to be taken in")
+        stall_writers(srv, conns, senders)
         h = srv.connect()
         try:
             done = wait_aio(h, [h.aio_pread(nbd.Buffer(4 * KiB), 0)], 15)
