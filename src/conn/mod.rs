@@ -44,6 +44,9 @@ const TURN_READ_BYTES: usize = 4 * 1024 * 1024;
 /// Unsent reply bytes past which a connection takes no new request until
 /// they are written: a client must read its replies to send more.
 const MAX_UNSENT: usize = 4 * 1024 * 1024;
+/// Unsent reply bytes that are written out at once, inside a turn,
+/// before more requests are read.
+const FLUSH_AT: usize = 256 * 1024;
 
 /// State the loop lends to a connection while it works.
 pub struct Ctx<'a> {
@@ -345,6 +348,15 @@ impl Connection {
             }
             if self.in_start < self.in_end {
                 self.consume_input(ctx);
+                if self.output.bytes >= FLUSH_AT {
+                    // Replies leave as they are made, and a client that
+                    // does not keep up with them stops this turn (see
+                    // `paused`), before it has sent many more requests:
+                    // each request taken in is one more on the list of
+                    // commands in flight that some clients walk for
+                    // every reply.
+                    self.flush();
+                }
                 continue;
             }
             if self.read_blocked {
@@ -494,6 +506,7 @@ impl Connection {
 
     fn queue_error(&mut self, h: &RequestHeader, nbd_error: u32) {
         let style = self.style();
+        self.output.begin_reply();
         reply::error(&mut self.output, style, h, nbd_error);
     }
 

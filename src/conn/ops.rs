@@ -261,6 +261,7 @@ impl Connection {
         let header = op.header();
         let read_bytes = if header.cmd == CMD_READ { header.length as usize } else { 0 };
         let style = self.style();
+        self.output.begin_reply();
         match reply::encode(&mut self.output, style, &header, op.buf, outcome) {
             Ok(()) => stats.replied(read_bytes, false, op.started.elapsed()),
             Err(errno) => {

@@ -50,11 +50,37 @@ pub struct Output {
     pub bytes: usize,
     /// Buffers whose bytes are all sent, for the loop's buffer pool.
     spent: Vec<Vec<u8>>,
+    /// Where each reply queued since the last flush starts in `frames`.
+    batch: Vec<usize>,
+    /// Scratch space for reordering a batch, kept to reuse its memory.
+    scratch: Vec<Frame>,
 }
 
 impl Output {
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
+    }
+
+    /// Marks the start of a reply's frames (one reply may take several).
+    pub fn begin_reply(&mut self) {
+        self.batch.push(self.frames.len());
+    }
+
+    /// Puts the replies queued since the last flush newest first, each
+    /// reply's own frames kept in order. NBD lets replies leave in any
+    /// order, and clients that find a reply's command by walking their
+    /// list of commands in flight from the newest (libnbd) then find each
+    /// one at the head instead of walking past the whole batch; clients
+    /// that look commands up by cookie are indifferent.
+    fn newest_first(&mut self) {
+        if self.batch.len() > 1 {
+            let base = self.batch[0];
+            self.scratch.extend(self.frames.drain(base..));
+            for &start in self.batch.iter().rev() {
+                self.frames.extend(self.scratch.drain(start - base..));
+            }
+        }
+        self.batch.clear();
     }
 
     /// A reply sending the first `len` bytes of `buf`.
@@ -100,6 +126,7 @@ impl Output {
     /// Writes until the queue is empty or the socket is full. `Ok(true)`
     /// means everything was sent.
     pub fn flush(&mut self, stream: &mut Transport) -> io::Result<bool> {
+        self.newest_first();
         while !self.frames.is_empty() {
             let mut slices: [IoSlice<'_>; 2 * MAX_FRAMES_PER_WRITE] = [IoSlice::new(&[]); 2 * MAX_FRAMES_PER_WRITE];
             let mut n = 0;
@@ -156,5 +183,39 @@ impl Frames for Output {
     }
     fn recycle(&mut self, buf: Vec<u8>) {
         Output::recycle(self, buf);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::codec::simple_reply;
+
+    /// The cookies of the queued frames, in the order they will leave.
+    fn cookies(out: &Output) -> Vec<u8> {
+        out.frames.iter().map(|f| f.parts().0[15]).collect()
+    }
+
+    #[test]
+    fn a_batch_leaves_newest_first_with_each_reply_whole() {
+        let mut out = Output::default();
+        out.push_payload(simple_reply(1, 0), Vec::new(), 0); // queued before: stays first
+        out.begin_reply();
+        out.push_payload(simple_reply(2, 0), Vec::new(), 0);
+        out.begin_reply();
+        out.push_payload(simple_reply(3, 0), Vec::new(), 0); // one reply of two frames
+        out.push_payload(simple_reply(4, 0), Vec::new(), 0);
+        out.begin_reply();
+        out.push_payload(simple_reply(5, 0), Vec::new(), 0);
+        out.newest_first();
+        assert_eq!(cookies(&out), [1, 5, 3, 4, 2]);
+        // The next batch is ordered on its own, behind the first.
+        out.begin_reply();
+        out.push_payload(simple_reply(6, 0), Vec::new(), 0);
+        out.begin_reply();
+        out.push_payload(simple_reply(7, 0), Vec::new(), 0);
+        out.newest_first();
+        assert_eq!(cookies(&out), [1, 5, 3, 4, 2, 7, 6]);
+        assert_eq!(out.bytes, 7 * 16);
     }
 }
