@@ -519,7 +519,16 @@ impl EventLoop {
             now,
             budget: &mut s.budget,
         };
-        let r = crate::logging::in_connection(conn.serial, || f(conn, &mut ctx));
+        let r = crate::logging::in_connection(conn.serial, || {
+            let r = f(conn, &mut ctx);
+            if let Some(interest) = conn.interest_change() {
+                let stream = conn.stream_mut().expect("interest changes only with a socket");
+                if let Err(e) = self.poll.registry().reregister(stream, MioToken(FIRST_CONN + key), interest) {
+                    conn.break_off(&format!("cannot change its poll interest: {}", crate::errno::Describe(&e)));
+                }
+            }
+            r
+        });
         for buf in conn.spent_buffers() {
             s.buffers.give(buf);
         }
@@ -588,11 +597,8 @@ impl EventLoop {
                 Connection::new(key, serial, stream, wait, self.config.tls_mode)
             });
             let stream = conn.stream_mut().expect("new connection");
-            if let Err(e) = self.poll.registry().register(
-                stream,
-                MioToken(FIRST_CONN + key),
-                Interest::READABLE | Interest::WRITABLE,
-            ) {
+            // Writable events are asked for while a write is blocked only.
+            if let Err(e) = self.poll.registry().register(stream, MioToken(FIRST_CONN + key), Interest::READABLE) {
                 log::warn!("cannot register a new connection: {}", crate::errno::Describe(&e));
                 return;
             }

@@ -121,6 +121,8 @@ pub struct Connection {
     peer_closed: bool,
     /// The last write hit EAGAIN: wait for a writable event.
     write_blocked: bool,
+    /// What the socket is registered for (see [`Self::interest_change`]).
+    interest: mio::Interest,
     /// The plugin was told the client is gone (cancel callbacks sent).
     cancel_sent: bool,
     tls_mode: TlsMode,
@@ -155,6 +157,7 @@ impl Connection {
             read_blocked: false,
             peer_closed: false,
             write_blocked: false,
+            interest: mio::Interest::READABLE,
             cancel_sent: false,
             tls_mode,
             tls_pending: None,
@@ -247,6 +250,27 @@ impl Connection {
     pub fn readable(&mut self, closed: bool) {
         self.read_blocked = false;
         self.peer_closed |= closed;
+    }
+
+    /// The readiness to ask of the poller, when it differs from what was
+    /// asked last. Writable events are wanted only while a write is
+    /// blocked: otherwise every reply the client takes off the socket
+    /// would wake the loop for nothing. Readable events are not wanted
+    /// while requests wait for the client to read its replies (see
+    /// `paused`): otherwise every request it sends meanwhile would.
+    pub fn interest_change(&mut self) -> Option<mio::Interest> {
+        use mio::Interest;
+        self.stream.as_ref()?;
+        let reads_wait = self.write_blocked && matches!(&self.phase, Phase::Transmission(r) if !r.receiving_payload());
+        let wanted = match (reads_wait, self.write_blocked) {
+            (true, _) => Interest::WRITABLE,
+            (false, true) => Interest::READABLE | Interest::WRITABLE,
+            (false, false) => Interest::READABLE,
+        };
+        (wanted != self.interest).then(|| {
+            self.interest = wanted;
+            wanted
+        })
     }
 
     pub fn writable(&mut self) {
