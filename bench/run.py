@@ -3,7 +3,9 @@
 
 Every point starts a fresh server on a private Unix socket, drives it with
 fio's nbd engine (one connection, or N for the multi-connection run),
-measures the server from /proc while fio runs, and always stops it.
+measures the server from /proc while fio runs, and always stops it.  Two
+proxies, build/asio-gateway and nbdkit's nbd plugin, are measured in front
+of a memdisk upstream started for the point.
 
     /usr/bin/python3 bench/run.py                       # the full matrix
     /usr/bin/python3 bench/run.py --quick               # a few minutes
@@ -37,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MEMDISK = ROOT / "build" / "memdisk"
+GATEWAY = ROOT / "build" / "asio-gateway"
 DEFAULT_OUT = ROOT / "bench" / "results"
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -45,7 +48,16 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 # memdisk-cap is memdisk with its per-connection in-flight cap at
 # MEMDISK_CAP: run only at deeper queues, it shows what libnbd's in-flight
 # list walk costs fio there (see bench/README.md).
-ALL_SERVERS = ["memdisk", "memdisk-cap", "nbdkit-t16", "nbdkit-tqd", "qemu-nbd"]
+#
+# gateway and nbdkit-nbd are proxies: each fronts a memdisk upstream that
+# the bench starts for the point (build/memdisk --latency-ms L), so that the
+# asio gateway's CPU can be compared with nbdkit's nbd plugin.  They run
+# only for random reads at PROXY_LATENCY and PROXY_DEPTHS.
+PROXY_SERVERS = ["gateway", "nbdkit-nbd"]
+PROXY_LATENCY = 10
+PROXY_DEPTHS = (64, 256, 1024)
+ALL_SERVERS = ["memdisk", "memdisk-cap", "nbdkit-t16", "nbdkit-tqd", "qemu-nbd",
+               *PROXY_SERVERS]
 MEMDISK_CAP = 1024
 # Opt-in: the same servers behind TLS (--servers memdisk-tls,nbdkit-tls).
 TLS_SERVERS = ["memdisk-tls", "nbdkit-tls"]
@@ -94,7 +106,7 @@ def client_env():
     if _tls_dir is not None:
         env["HOME"] = str(_tls_dir / "home")
     return env
-ALL_WORKLOADS = ["randread", "randwrite", "seqread", "multiconn"]
+ALL_WORKLOADS = ["randread", "randwrite", "seqread", "seqwrite", "multiconn"]
 DEFAULT_LATENCIES = [0, 10, 50]
 DEFAULT_DEPTHS = [1, 64, 256, 1024, 4096]
 
@@ -103,8 +115,12 @@ WORKLOADS = {
     "randread": ("randread", "4k", "4 KiB random reads"),
     "randwrite": ("randwrite", "4k", "4 KiB random writes"),
     "seqread": ("read", "1M", "1 MiB sequential reads"),
+    "seqwrite": ("write", "1M", "1 MiB sequential writes"),
     "multiconn": ("randread", "4k", "4 KiB random reads, multi-connection"),
 }
+
+# 1 MiB sequential workloads: measured in MiB/s, QD <= --seq-max-depth.
+SEQ_WORKLOADS = ("seqread", "seqwrite")
 
 START_TIMEOUT = 20.0    # until the server accepts connections
 STOP_TIMEOUT = 20.0     # SIGTERM -> exit (nbdkit with 4096 threads is slow)
@@ -127,6 +143,61 @@ def proc_cpu_seconds(pid):
     fields = data[data.rindex(")") + 2:].split()
     # fields[0] is field 3 (state); utime is field 14, stime field 15.
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_thread_cpu(pid):
+    """{tid: (comm, utime + stime in s)} of every thread of the process now,
+    from /proc/PID/task/TID/{stat,comm}.  Threads that exit while we read
+    are left out."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                data = f.read()
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = f.read().strip()
+            fields = data[data.rindex(")") + 2:].split()
+            out[int(tid)] = (comm, (int(fields[11]) + int(fields[12])) / CLK_TCK)
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def has_loop_threads(kind):
+    """Servers built on the library: the event loop runs on the main thread
+    (plus nbdkit-loop-N threads with --loops N)."""
+    return kind.startswith("memdisk") or kind == "gateway"
+
+
+def is_loop_thread(pid, tid, comm):
+    return tid == pid or comm.startswith("nbdkit-loop")
+
+
+def thread_cpu_delta(pid, before, after):
+    """Per-thread CPU between two proc_thread_cpu() samples: (loop s,
+    other s, {thread name: s}).  A thread gone by the end counts as it was
+    at the start (0); a thread new at the end counts from 0 (so does a
+    reused TID whose name changed or whose CPU went down)."""
+    loop = other = 0.0
+    by_name = {}
+    for tid in set(before) | set(after):
+        comm0, c0 = before.get(tid, (None, 0.0))
+        comm1, c1 = after.get(tid, (comm0, c0))
+        if tid in before and tid in after and (comm1 != comm0 or c1 < c0):
+            c0 = 0.0
+        d = c1 - c0
+        comm = comm1 if comm1 is not None else "?"
+        if is_loop_thread(pid, tid, comm):
+            loop += d
+        else:
+            other += d
+        name = f"{comm} (main)" if tid == pid else comm
+        by_name[name] = by_name.get(name, 0.0) + d
+    return loop, other, {k: round(v, 4) for k, v in sorted(by_name.items())}
 
 
 def proc_status(pid):
@@ -195,15 +266,24 @@ def _die_with_parent():
 
 
 class Server:
-    """One server process on a private Unix socket."""
+    """One server process on a private Unix socket.  A proxy (gateway,
+    nbdkit-nbd) starts its own memdisk upstream first, as self.upstream, on
+    a second socket in the same private directory, and stops it last."""
 
-    def __init__(self, kind, latency_ms, depth, args):
+    def __init__(self, kind, latency_ms, depth, args, tmpdir=None,
+                 role="server"):
         self.kind = kind
         self.latency_ms = latency_ms
         self.depth = depth          # per-connection queue depth of the point
         self.args = args
-        self.tmpdir = Path(tempfile.mkdtemp(prefix="nbdbench-"))
-        self.sock = self.tmpdir / "nbd.sock"
+        self.role = role            # "server", or "upstream" of a proxy
+        self.own_tmpdir = tmpdir is None
+        self.tmpdir = (Path(tempfile.mkdtemp(prefix="nbdbench-"))
+                       if tmpdir is None else tmpdir)
+        self.sock = self.tmpdir / ("nbd.sock" if role == "server"
+                                   else f"{role}.sock")
+        self.title = kind if role == "server" else f"{role} {kind}"
+        self.upstream = None        # the memdisk behind a proxy
         self.proc = None
         self.argv = None
         self.returncode = None
@@ -232,6 +312,15 @@ class Server:
             if self.kind == "memdisk-2loops":
                 argv += ["--loops", "2"]
             return argv
+        if self.kind == "gateway":
+            # Its defaults: --threads 2 --upstream-connections 2.
+            return [str(GATEWAY), "--unix", str(self.sock), "--upstream",
+                    f"nbd+unix:///?socket={self.upstream.sock}"]
+        if self.kind == "nbdkit-nbd":
+            t = nbdkit_threads(self.depth, self.args)
+            self.threads_opt = t
+            return ["nbdkit", "-U", str(self.sock), "-f", "--exit-with-parent",
+                    "-t", str(t), "nbd", f"socket={self.upstream.sock}"]
         if self.kind in ("nbdkit-t16", "nbdkit-tqd", "nbdkit-tls"):
             t = 16 if self.kind != "nbdkit-tqd" else nbdkit_threads(
                 self.depth, self.args)
@@ -261,9 +350,16 @@ class Server:
         raise BenchError(f"unknown server {self.kind}")
 
     def start(self):
+        if self.kind in PROXY_SERVERS:
+            # The same upstream for both proxies: memdisk with the point's
+            # latency, started (and ready) before the proxy.
+            self.upstream = Server("memdisk", self.latency_ms, self.depth,
+                                   self.args, tmpdir=self.tmpdir,
+                                   role="upstream")
+            self.upstream.start()
         self.argv = self.build_argv()
-        self.stdout_path = self.tmpdir / "server.stdout"
-        self.stderr_path = self.tmpdir / "server.stderr"
+        self.stdout_path = self.tmpdir / f"{self.role}.stdout"
+        self.stderr_path = self.tmpdir / f"{self.role}.stderr"
         with open(self.stdout_path, "wb") as out, \
                 open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
@@ -273,18 +369,18 @@ class Server:
         while True:
             if self.proc.poll() is not None:
                 raise BenchError(
-                    f"{self.kind} exited with code {self.proc.returncode} "
+                    f"{self.title} exited with code {self.proc.returncode} "
                     f"at start-up: {self.stderr_tail()}")
             if self.ready():
                 return
             if time.monotonic() > deadline:
-                raise BenchError(f"{self.kind} not ready after "
+                raise BenchError(f"{self.title} not ready after "
                                  f"{START_TIMEOUT:.0f} s: {self.stderr_tail()}")
             time.sleep(0.01)
 
     def ready(self):
-        if self.kind.startswith("memdisk"):
-            # memdisk prints its URI once it listens.
+        if self.kind.startswith("memdisk") or self.kind == "gateway":
+            # memdisk and the gateway print their URI once they listen.
             return self.stdout_path.read_bytes().endswith(b"\n")
         if not self.sock.exists():
             return False
@@ -306,23 +402,33 @@ class Server:
         return text[-n:].strip()
 
     def stop(self):
-        """Always called.  SIGTERM, then SIGKILL after STOP_TIMEOUT."""
+        """Always called.  SIGTERM, then SIGKILL after STOP_TIMEOUT; a
+        proxy first, then its upstream."""
         try:
-            if self.proc is not None:
-                if self.proc.poll() is None:
-                    self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=10)
-                    self.returncode = "killed"
-                else:
-                    self.returncode = self.proc.returncode
+            self.stop_process()
         finally:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-            if self.image_dir is not None:
-                shutil.rmtree(self.image_dir, ignore_errors=True)
+            try:
+                if self.upstream is not None:
+                    self.upstream.stop()
+            finally:
+                if self.own_tmpdir:
+                    shutil.rmtree(self.tmpdir, ignore_errors=True)
+                if self.image_dir is not None:
+                    shutil.rmtree(self.image_dir, ignore_errors=True)
+
+    def stop_process(self):
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.returncode = "killed"
+        else:
+            self.returncode = self.proc.returncode
 
 
 def nbdkit_threads(depth, args):
@@ -338,6 +444,10 @@ def server_label(kind, depth, args):
         return f"nbdkit -t{nbdkit_threads(depth, args)}"
     if kind == "memdisk-cap":
         return f"memdisk --max-inflight {MEMDISK_CAP}"
+    if kind == "gateway":
+        return "asio-gateway"
+    if kind == "nbdkit-nbd":
+        return f"nbdkit nbd -t{nbdkit_threads(depth, args)}"
     return kind
 
 
@@ -439,6 +549,9 @@ def run_point(kind, workload, latency_ms, depth, args):
         if server.threads_opt is not None:
             row["nbdkit_threads"] = server.threads_opt
         pid = server.proc.pid
+        up = server.upstream
+        if up is not None:
+            row["upstream_argv"] = up.argv
         idle_threads = proc_status(pid).get("Threads", 1)
         if args.prefill:
             row["prefill_s"] = prefill(server, args)
@@ -460,17 +573,31 @@ def run_point(kind, workload, latency_ms, depth, args):
                    depth * jobs * max(latency_ms, 1) / 1000)
         sampler = Sampler(pid)
         sampler.start()
+        # Per-thread samples outside the process / machine CPU window, so
+        # that reading many threads' files does not count as "others".
+        thr0 = proc_thread_cpu(pid)
+        if up is not None:
+            up_thr0 = proc_thread_cpu(up.proc.pid)
+            up_cpu0 = proc_cpu_seconds(up.proc.pid)
         cpu0 = proc_cpu_seconds(pid)
         sys0 = machine_cpu()
         fio_json, client_cpu, wall = run_fio(argv, json_path, timeout)
         cpu1 = proc_cpu_seconds(pid)
+        if up is not None:
+            up_cpu1 = proc_cpu_seconds(up.proc.pid)
         sys1 = machine_cpu()
+        thr1 = proc_thread_cpu(pid)
+        if up is not None:
+            up_thr1 = proc_thread_cpu(up.proc.pid)
         hwm_kib = proc_status(pid).get("VmHWM", 0)
         sampler.stop()
         if server.proc.poll() is not None:
             raise BenchError(f"{kind} died during the run (code "
                              f"{server.proc.returncode}): "
                              f"{server.stderr_tail()}")
+        if up is not None and up.proc.poll() is not None:
+            raise BenchError(f"upstream memdisk died during the run (code "
+                             f"{up.proc.returncode}): {up.stderr_tail()}")
         job = fio_json["jobs"][0]
         if job.get("error"):
             raise BenchError(f"fio job error {job['error']}")
@@ -501,9 +628,11 @@ def run_point(kind, workload, latency_ms, depth, args):
             "rss_peak_mib": sampler.max_rss_kib / 1024,
             "rss_growth_mib": max(0, sampler.max_rss_kib - rss_base_kib) / 1024,
             # memdisk and nbdkit memory hold the prefilled disk in their own
-            # memory, qemu-nbd in the page cache of its file.
+            # memory, qemu-nbd in the page cache of its file, a proxy in its
+            # upstream.
             "rss_data_mib": (parse_size(args.size) / (1 << 20)
-                             if args.prefill and kind != "qemu-nbd" else 0),
+                             if args.prefill and kind != "qemu-nbd"
+                             and kind not in PROXY_SERVERS else 0),
             "hwm_mib": hwm_kib / 1024,
             "samples": sampler.samples,
             "client_cpu_s": client_cpu,
@@ -512,6 +641,8 @@ def run_point(kind, workload, latency_ms, depth, args):
             # Everything else the machine ran meanwhile (other users,
             # steal): the noise indicator of the point.
             "others_cpu_pct": max(0.0, (sys1 - sys0) - (cpu1 - cpu0) -
+                                  (up_cpu1 - up_cpu0 if up is not None
+                                   else 0.0) -
                                   client_cpu) / wall * 100,
             "fio_usr_cpu_pct": job.get("usr_cpu"),
             "fio_sys_cpu_pct": job.get("sys_cpu"),
@@ -520,6 +651,26 @@ def run_point(kind, workload, latency_ms, depth, args):
         })
         row["rss_overhead_mib"] = max(0.0, row["rss_peak_mib"] -
                                       row["rss_data_mib"])
+        # Per-thread CPU: the event loop(s) against the rest of the process.
+        loop, other, by_name = thread_cpu_delta(pid, thr0, thr1)
+        row["server_thread_cpu_s"] = by_name
+        if has_loop_threads(kind):
+            row.update(thread_split_fields("", loop, other, ios, wall))
+        else:
+            row.update(thread_split_fields("", None, None, ios, wall))
+        if up is not None:
+            up_cpu = up_cpu1 - up_cpu0
+            row.update({
+                "upstream_cpu_s": up_cpu,
+                "upstream_cpu_ticks": round(up_cpu * CLK_TCK),
+                "upstream_cpu_us_per_io": up_cpu / ios * 1e6,
+                "upstream_cpu_pct": up_cpu / wall * 100,
+            })
+            loop, other, by_name = thread_cpu_delta(up.proc.pid, up_thr0,
+                                                    up_thr1)
+            row["upstream_thread_cpu_s"] = by_name
+            row.update(thread_split_fields("upstream_", loop, other, ios,
+                                           wall))
         if latency_ms > 0:
             bound = depth * jobs / (latency_ms / 1000)
             row["little_bound_iops"] = bound
@@ -531,9 +682,27 @@ def run_point(kind, workload, latency_ms, depth, args):
             sampler.stop()
         server.stop()
         row["server_exit"] = server.returncode
+        if server.upstream is not None:
+            row["upstream_exit"] = server.upstream.returncode
     if "error" not in row and kind.startswith("memdisk") and server.returncode != 0:
         row["error"] = f"memdisk exited with {server.returncode}, not 0"
     return row
+
+
+def thread_split_fields(prefix, loop, other, ios, wall):
+    """Row fields of the loop / other-threads split of a process's CPU
+    (None where the server has no event-loop threads of ours)."""
+    out = {}
+    for name, v in (("loop", loop), ("other_thr", other)):
+        p = f"{prefix}{name}_cpu"
+        if v is None:
+            out.update({f"{p}_s": None, f"{p}_ticks": None,
+                        f"{p}_us_per_io": None, f"{p}_pct": None})
+        else:
+            out.update({f"{p}_s": v, f"{p}_ticks": round(v * CLK_TCK),
+                        f"{p}_us_per_io": v / ios * 1e6,
+                        f"{p}_pct": v / wall * 100})
+    return out
 
 
 def run_repeated(kind, workload, latency_ms, depth, args):
@@ -563,8 +732,14 @@ def skip_reason(kind, workload, latency_ms, depth, args):
         return f"the cap of {MEMDISK_CAP} in flight only bites above QD {MEMDISK_CAP}"
     if kind == "nbdkit-tqd" and depth <= 16:
         return "nbdkit -tQD with QD <= 16 is covered by nbdkit -t16"
-    if workload == "seqread" and depth > args.seq_max_depth:
-        return (f"1 MiB reads at QD > {args.seq_max_depth} pin "
+    if kind in PROXY_SERVERS and (workload != "randread"
+                                  or latency_ms != PROXY_LATENCY
+                                  or depth not in PROXY_DEPTHS):
+        return (f"the proxies are compared at {PROXY_LATENCY} ms, random "
+                f"reads, QD {'/'.join(map(str, PROXY_DEPTHS))} only")
+    if workload in SEQ_WORKLOADS and depth > args.seq_max_depth:
+        what = "reads" if workload == "seqread" else "writes"
+        return (f"1 MiB {what} at QD > {args.seq_max_depth} pin "
                 f"QD MiB of buffers in client and server")
     return None
 
@@ -695,7 +870,9 @@ def results_tables(rows):
         out.append(f"### {title}\n")
         head = ["lat ms", "QD", "server", "IOPS", "MiB/s", "mean lat ms",
                 "p99 lat ms", "Little bound", "% of bound", "in flight",
-                "srv CPU µs/IO", "srv CPU %", "srv threads", "srv RSS MiB",
+                "srv CPU µs/IO", "srv CPU %", "loop CPU µs/IO",
+                "other thr CPU µs/IO", "upstream CPU µs/IO",
+                "srv threads", "srv RSS MiB",
                 "RSS − data MiB", "RSS growth MiB", "srv HWM MiB",
                 "fio CPU µs/IO", "fio CPU %",
                 "others CPU %"]
@@ -722,6 +899,9 @@ def results_tables(rows):
                     ("≈" if coarse(r) else "") +
                     fmt(r["server_cpu_us_per_io"]),
                     fmt(r["server_cpu_pct"], 0),
+                    cpu_cell(r, "loop_cpu"),
+                    cpu_cell(r, "other_thr_cpu"),
+                    cpu_cell(r, "upstream_cpu"),
                     str(r["threads_peak"]),
                     fmt(r["rss_peak_mib"], 1), fmt(r["rss_overhead_mib"], 1),
                     fmt(r["rss_growth_mib"], 1),
@@ -735,9 +915,28 @@ def results_tables(rows):
     return "\n".join(out)
 
 
-def coarse(r):
+def coarse(r, prefix="server_cpu"):
     """Server CPU of fewer than MIN_TICKS clock ticks: ±1 tick matters."""
-    return r.get("server_cpu_ticks", MIN_TICKS) < MIN_TICKS
+    ticks = r.get(f"{prefix}_ticks")
+    return ticks is not None and ticks < MIN_TICKS
+
+
+def cpu_cell(r, prefix):
+    """µs/IO of one CPU measure of a row, ≈ when coarse, – when the row
+    has none (not applicable, or a JSON from before it was measured)."""
+    v = r.get(f"{prefix}_us_per_io")
+    if v is None:
+        return "–"
+    return ("≈" if coarse(r, prefix) else "") + fmt(v)
+
+
+def is_seq(workload):
+    return workload in SEQ_WORKLOADS
+
+
+def metric(workload):
+    """(row key, unit) a workload is measured in."""
+    return ("mib_s", "MiB/s") if is_seq(workload) else ("iops", "IOPS")
 
 
 def find(rows, workload, latency, depth, server):
@@ -882,6 +1081,147 @@ def targets(rows):
     return lines
 
 
+def cpu_us(r, prefix="server_cpu"):
+    """A row's CPU per IO for the targets text, ≈ when coarse."""
+    return (("≈" if coarse(r, prefix) else "") +
+            f"{r[prefix + '_us_per_io']:.2f} µs")
+
+
+def targets_issue17(rows):
+    """The ratios issue 17 names: server CPU per IO against nbdkit, the
+    gateway against nbdkit's nbd plugin, 1 MiB throughput.  Returns lines."""
+    lines = []
+    nm = "not measured"
+
+    def cpu_target(tag, title, r, n, limit, want, loop_context=True):
+        if r is None or n is None:
+            absent = [w for w, x in zip(want, (r, n)) if x is None]
+            lines.append(f"({tag}) {title}: {nm} (no {' and no '.join(absent)} "
+                         f"row in this run)")
+            return
+        b = n["server_cpu_us_per_io"]
+        if not b > 0:
+            lines.append(f"({tag}) {title}: {nm} ({n['label']} used no "
+                         f"measurable CPU)")
+            return
+        ratio = r["server_cpu_us_per_io"] / b
+        text = (f"({tag}) {title}: {r['label']} {cpu_us(r)} / {n['label']} "
+                f"{cpu_us(n)} = {ratio:.2f} (target ≤ {limit:.2f}): "
+                f"**{verdict(ratio <= limit)}**")
+        if loop_context:
+            lp = r.get("loop_cpu_us_per_io")
+            if lp is None:
+                text += ("; event-loop thread only (context): – (not "
+                         "measured in this run)")
+            else:
+                text += (f"; context, not a target — memdisk's event-loop "
+                         f"thread only (the library's cost, without its "
+                         f"latency-emulating workers): {cpu_us(r, 'loop_cpu')} "
+                         f"/ {cpu_us(n)} = {lp / b:.2f}")
+        lines.append(text)
+
+    cpu_target("e1", "server CPU per IO, 0 ms, QD 64, 4 KiB random reads, "
+               "memdisk vs nbdkit memory -t16",
+               find(rows, "randread", 0, 64, "memdisk"),
+               find(rows, "randread", 0, 64, "nbdkit-t16"), 0.35,
+               ("memdisk", "nbdkit -t16"))
+    cpu_target("e2", "server CPU per IO, 10 ms, QD 1024, 4 KiB random reads, "
+               "memdisk vs nbdkit -tQD with the delay filter",
+               find(rows, "randread", 10, 1024, "memdisk"),
+               find(rows, "randread", 10, 1024, "nbdkit-tqd"), 0.15,
+               ("memdisk", "nbdkit -t1024"))
+    r = next((x for x in rows if x["workload"] == "multiconn"
+              and x["latency_ms"] == 0 and x["server"] == "memdisk"
+              and "error" not in x), None)
+    n = (next((x for x in rows if x["workload"] == "multiconn"
+               and x["latency_ms"] == 0 and x["server"] == "nbdkit-t16"
+               and x["depth"] == r["depth"] and x["jobs"] == r["jobs"]
+               and "error" not in x), None) if r else None)
+    shape = (f"{r['jobs']} connections × QD {r['depth']}" if r
+             else "multi-connection")
+    cpu_target("e3", f"server CPU per IO, {shape}, 0 ms, 4 KiB random "
+               f"reads, memdisk vs nbdkit memory -t16", r, n, 0.35,
+               ("memdisk", "nbdkit -t16"))
+
+    g = find(rows, "randread", PROXY_LATENCY, 256, "gateway")
+    n = find(rows, "randread", PROXY_LATENCY, 256, "nbdkit-nbd")
+    cpu_target("e4", f"proxy CPU per IO, {PROXY_LATENCY} ms, QD 256, 4 KiB "
+               f"random reads, both in front of a memdisk upstream: "
+               f"asio-gateway vs nbdkit nbd plugin", g, n, 0.25,
+               ("asio-gateway", "nbdkit nbd -t256"), loop_context=False)
+    if g and n and n["server_cpu_us_per_io"] > 0:
+        extra = []
+        if g.get("loop_cpu_us_per_io") is not None:
+            extra.append(f"gateway loop thread {cpu_us(g, 'loop_cpu')} + "
+                         f"asio pool {cpu_us(g, 'other_thr_cpu')}")
+        if (g.get("upstream_cpu_us_per_io") is not None
+                and n.get("upstream_cpu_us_per_io") is not None):
+            extra.append(f"upstream memdisk behind them "
+                         f"{cpu_us(g, 'upstream_cpu')} / "
+                         f"{cpu_us(n, 'upstream_cpu')}")
+        extra.append(f"IOPS {g['iops']:,.0f} / {n['iops']:,.0f}")
+        lines[-1] += " (" + "; ".join(extra) + ")"
+
+    for tag, w in (("e5", "seqread"), ("e6", "seqwrite")):
+        what = WORKLOADS[w][2]
+        ours = [r for r in rows if r["workload"] == w
+                and r["latency_ms"] == 0 and r["server"] == "memdisk"
+                and "error" not in r]
+        theirs = [r for r in rows if r["workload"] == w
+                  and r["latency_ms"] == 0 and r["server"] == "nbdkit-t16"
+                  and "error" not in r]
+        if not (ours and theirs):
+            absent = [name for name, x in (("memdisk", ours),
+                                           ("nbdkit -t16", theirs)) if not x]
+            lines.append(f"({tag}) {what}, 0 ms, best MiB/s over queue "
+                         f"depths vs nbdkit memory -t16: {nm} (no "
+                         f"{' and no '.join(absent)} row in this run)")
+            continue
+        bo = max(ours, key=lambda r: r["mib_s"])
+        bt = max(theirs, key=lambda r: r["mib_s"])
+        ratio = bo["mib_s"] / bt["mib_s"]
+        per = []
+        for r in sorted(ours, key=lambda r: r["depth"]):
+            n = find(rows, w, 0, r["depth"], "nbdkit-t16")
+            if n:
+                per.append(f"QD {r['depth']}: {r['mib_s'] / n['mib_s']:.2f}×")
+        lines.append(
+            f"({tag}) {what}, 0 ms, best over queue depths: memdisk "
+            f"{bo['mib_s']:,.0f} MiB/s (QD {bo['depth']}) / nbdkit memory "
+            f"-t16 {bt['mib_s']:,.0f} MiB/s (QD {bt['depth']}) = "
+            f"{ratio:.2f}× (target ≥ 1.5×): **{verdict(ratio >= 1.5)}**"
+            + (f"; per QD: {', '.join(per)}" if per else ""))
+    return lines
+
+
+# memdisk is compared point by point with these (the Notes).
+PEERS = ("nbdkit-t16", "nbdkit-tqd", "qemu-nbd")
+
+
+def memdisk_behind(rows):
+    """Points where memdisk's IOPS (MiB/s for 1 MiB workloads) is below a
+    peer's at the same workload, latency and depth."""
+    notes = []
+    for r in sorted(rows, key=sort_key):
+        if r["server"] != "memdisk" or "error" in r:
+            continue
+        key, unit = metric(r["workload"])
+        for peer in PEERS:
+            n = find(rows, r["workload"], r["latency_ms"], r["depth"], peer)
+            if n is None or n["jobs"] != r["jobs"] or not n[key] > r[key]:
+                continue
+            a, b = r[key], n[key]
+            # Enough digits that the two numbers differ.
+            d = 0 if round(a) != round(b) else 1 if a >= 100 else 2
+            pct = (a / b - 1) * 100
+            notes.append(
+                f"memdisk behind {n['label']} at {r['workload']} "
+                f"{r['latency_ms']} ms QD {r['total_depth']}: "
+                f"{a:,.{d}f} vs {b:,.{d}f} {unit} "
+                f"({pct:+.{1 if pct <= -0.1 else 2}f} %)")
+    return notes
+
+
 def observations(rows):
     """Automatic notes: client-bound points, failures, odd exits."""
     notes = []
@@ -923,11 +1263,17 @@ def observations(rows):
                         for r in sorted(noisy, key=sort_key))
         notes.append(f"noisy points: other processes used ≥ 25 % of a core "
                      f"meanwhile ({len(noisy)} of {len(rows)}): {pts}")
+    notes += memdisk_behind(rows)
     bad = [r for r in rows if r.get("server_exit") not in (0, None)
-           and r["server"] == "memdisk"]
+           and (r["server"] == "memdisk" or r["server"] == "gateway")]
     for r in bad:
-        notes.append(f"memdisk exit code {r['server_exit']} after "
+        notes.append(f"{r['label']} exit code {r['server_exit']} after "
                      f"{r['workload']} {r['latency_ms']} ms QD {r['depth']}")
+    for r in rows:
+        if r.get("upstream_exit") not in (0, None):
+            notes.append(f"upstream memdisk of {r['label']} exit code "
+                         f"{r['upstream_exit']} after {r['workload']} "
+                         f"{r['latency_ms']} ms QD {r['depth']}")
     failed = [r for r in rows if "error" in r]
     for r in failed:
         notes.append(f"FAILED {r['workload']} {r['latency_ms']} ms QD "
@@ -953,6 +1299,8 @@ ratios between servers within one run count.**
 - memdisk: build/memdisk (git {env['memdisk_git']}, built {env['memdisk_built']}), `--workers {o['memdisk_workers']}`
 - Client: fio nbd engine (libnbd), one connection per fio job, {o['runtime']} s per point, time-based, `--norandommap`; disk size {o['size']}, {prefill}
 - Server CPU = utime+stime from /proc/PID/stat over the measured fio run ÷ IOs (≈ marks values from fewer than {MIN_TICKS} clock ticks of {1000 // CLK_TCK} ms: coarse); threads and RSS sampled from /proc/PID/status every {SAMPLE_INTERVAL * 1000:.0f} ms; RSS − data = peak RSS minus the disk data held in the server's memory; RSS growth = peak RSS − RSS after the prefill; HWM = VmHWM at the end (prefill included); fio CPU from wait4() rusage of fio and its job processes; "others CPU" = what the rest of the machine used meanwhile (/proc/stat), the noise indicator
+- Loop CPU = utime+stime of the event-loop threads (/proc/PID/task/TID/stat: the main thread and any `nbdkit-loop-N`) over the fio run ÷ IOs, for memdisk and the asio gateway; other thr CPU = the rest of their threads (memdisk's latency-emulating workers, the gateway's asio pool); threads that exit during the run count 0, new ones from 0; – for nbdkit and qemu-nbd
+- Proxies (asio-gateway, nbdkit nbd -tQD; {PROXY_LATENCY} ms random reads only) front a memdisk upstream with the same latency started for the point; the prefill goes through the proxy; srv CPU, threads and RSS are the proxy's, the upstream's CPU is its own column
 - Little bound = total queue depth ÷ latency; "in flight" = IOPS × mean latency
 - Command: `{blob['command']}`
 - Points: {len(blob['results'])} run, {len(blob['skipped'])} skipped as meaningless (see the JSON)
@@ -964,11 +1312,13 @@ ratios between servers within one run count.**
 
 COLORS = {"memdisk-tls": "#ff9896", "nbdkit-tls": "#aec7e8",
           "memdisk": "#d62728", "memdisk-cap": "#ff7f0e", "nbdkit-t16": "#1f77b4",
-          "nbdkit-tqd": "#2ca02c", "qemu-nbd": "#9467bd", "memdisk-2loops": "#8c564b"}
+          "nbdkit-tqd": "#2ca02c", "qemu-nbd": "#9467bd", "memdisk-2loops": "#8c564b",
+          "gateway": "#e377c2", "nbdkit-nbd": "#17becf"}
 NAMES = {"memdisk-tls": "memdisk over TLS", "nbdkit-tls": "nbdkit -t16 over TLS",
          "memdisk": "memdisk (ours)",
          "memdisk-cap": f"memdisk --max-inflight {MEMDISK_CAP}", "nbdkit-t16": "nbdkit -t16",
-         "nbdkit-tqd": "nbdkit -t QD", "qemu-nbd": "qemu-nbd", "memdisk-2loops": "memdisk --loops 2"}
+         "nbdkit-tqd": "nbdkit -t QD", "qemu-nbd": "qemu-nbd", "memdisk-2loops": "memdisk --loops 2",
+         "gateway": "asio-gateway (proxy)", "nbdkit-nbd": "nbdkit nbd -t QD (proxy)"}
 
 
 def esc(s):
@@ -995,7 +1345,7 @@ def nice_step(raw):
 
 def svg_plot(rows, title):
     good = [r for r in rows if "error" not in r]
-    curve_wl = [w for w in ("randread", "randwrite", "seqread")
+    curve_wl = [w for w in ("randread", "randwrite", "seqread", "seqwrite")
                 if any(r["workload"] == w for r in good)]
     lats = sorted({r["latency_ms"] for r in good})
     has_mc = any(r["workload"] == "multiconn" for r in good)
@@ -1005,8 +1355,18 @@ def svg_plot(rows, title):
     ncols = max(1, len(lats))
     nrows = len(curve_wl) + (1 if has_mc else 0)
     TOP = 56
-    LEG = 30
     W = ncols * CW + 10
+    servers = [s for s in KNOWN_SERVERS if any(r["server"] == s for r in good)]
+    # The legend: one entry per server, then the Little bound, wrapped
+    # into as many lines as the width needs.
+    legend, lx, line = [], 10, 0
+    for s in servers + [None]:
+        width = 30 + 7 * len(NAMES[s]) if s else 110
+        if lx > 10 and lx + width > W - 10:
+            lx, line = 10, line + 1
+        legend.append((s, lx, line))
+        lx += width
+    LEG = 30 + 18 * line
     H = TOP + nrows * CH + LEG + 10
     o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
          f'viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="11">',
@@ -1016,14 +1376,12 @@ def svg_plot(rows, title):
          f'<text x="{W / 2}" y="38" text-anchor="middle" fill="#555">'
          f'log-log; dashed grey = Little bound (QD ÷ latency); absolute '
          f'numbers vary by machine, compare within one run</text>']
-    servers = [s for s in KNOWN_SERVERS if any(r["server"] == s for r in good)]
 
     def panel(ix, iy):
         return 5 + ix * CW + ML, TOP + iy * CH + MT
 
     for iy, w in enumerate(curve_wl):
-        metric = "mib_s" if w == "seqread" else "iops"
-        unit = "MiB/s" if w == "seqread" else "IOPS"
+        key, unit = metric(w)
         for ix, L in enumerate(lats):
             x0, y0 = panel(ix, iy)
             pts = [r for r in good if r["workload"] == w
@@ -1044,12 +1402,12 @@ def svg_plot(rows, title):
             lx0, lx1 = math.log10(dmin), math.log10(dmax)
             pad = (lx1 - lx0) * 0.06
             lx0, lx1 = lx0 - pad, lx1 + pad
-            vals = [r[metric] for r in pts if r[metric] > 0]
+            vals = [r[key] for r in pts if r[key] > 0]
             bounds = []
             if L > 0:
-                # In MiB/s for 1 MiB reads, the bound has the same number.
+                # In MiB/s for 1 MiB I/O, the bound has the same number.
                 per_io = (parse_size(WORKLOADS[w][1].upper()) / (1 << 20)
-                          if metric == "mib_s" else 1)
+                          if key == "mib_s" else 1)
                 bounds = [(d, d / (L / 1000) * per_io) for d in depths]
                 vals += [b for _, b in bounds]
             ly0 = math.floor(math.log10(max(min(vals), 1e-3)))
@@ -1101,16 +1459,16 @@ def svg_plot(rows, title):
                 c = COLORS[s]
                 wdt, rad = (2, 3.5) if s == "memdisk" else (3.5, 4.5)
                 if len(sp) > 1:
-                    path = " ".join(f"{X(r['depth']):.1f},{Y(r[metric]):.1f}"
+                    path = " ".join(f"{X(r['depth']):.1f},{Y(r[key]):.1f}"
                                     for r in sp)
                     o.append(f'<polyline points="{path}" fill="none" '
                              f'stroke="{c}" stroke-width="{wdt}" '
                              f'stroke-opacity="0.85"/>')
                 for r in sp:
                     o.append(f'<circle cx="{X(r["depth"]):.1f}" '
-                             f'cy="{Y(r[metric]):.1f}" r="{rad}" fill="{c}">'
+                             f'cy="{Y(r[key]):.1f}" r="{rad}" fill="{c}">'
                              f'<title>{esc(r["label"])} QD {r["depth"]}: '
-                             f'{r[metric]:,.0f} {unit}</title></circle>')
+                             f'{r[key]:,.0f} {unit}</title></circle>')
 
     if has_mc:
         iy = len(curve_wl)
@@ -1167,16 +1525,16 @@ def svg_plot(rows, title):
                      f'{pts[0]["jobs"]} connections × QD {pts[0]["depth"]}, '
                      f'IOPS</text>')
 
-    ly = H - LEG + 4
-    lx = 10
-    for s in servers:
+    for s, lx, line in legend:
+        ly = H - LEG + 4 + 18 * line
+        if s is None:
+            o.append(f'<line x1="{lx}" y1="{ly + 5}" x2="{lx + 20}" '
+                     f'y2="{ly + 5}" stroke="#888" stroke-dasharray="5,4"/>')
+            o.append(f'<text x="{lx + 24}" y="{ly + 9}">Little bound</text>')
+            continue
         o.append(f'<rect x="{lx}" y="{ly}" width="14" height="10" '
                  f'fill="{COLORS[s]}"/>')
         o.append(f'<text x="{lx + 18}" y="{ly + 9}">{esc(NAMES[s])}</text>')
-        lx += 30 + 7 * len(NAMES[s])
-    o.append(f'<line x1="{lx}" y1="{ly + 5}" x2="{lx + 20}" y2="{ly + 5}" '
-             f'stroke="#888" stroke-dasharray="5,4"/>')
-    o.append(f'<text x="{lx + 24}" y="{ly + 9}">Little bound</text>')
     o.append("</svg>")
     return "\n".join(o) + "\n"
 
@@ -1213,7 +1571,10 @@ def parse_args(argv):
                     help="queue depths (default 1,64,256,1024,4096)")
     ap.add_argument("--servers", type=name_list(KNOWN_SERVERS), default=None,
                     help=f"subset of {','.join(KNOWN_SERVERS)} (default "
-                    f"{','.join(ALL_SERVERS)}; the -tls ones serve over TLS)")
+                    f"{','.join(ALL_SERVERS)}; the -tls ones serve over TLS; "
+                    f"gateway and nbdkit-nbd are proxies in front of a "
+                    f"memdisk, run at {PROXY_LATENCY} ms, random reads, QD "
+                    f"{','.join(map(str, PROXY_DEPTHS))} only)")
     ap.add_argument("--workloads", type=name_list(ALL_WORKLOADS),
                     default=None,
                     help=f"subset of {','.join(ALL_WORKLOADS)} (default all)")
@@ -1239,8 +1600,8 @@ def parse_args(argv):
                     help="cap for nbdkit -t QD; the label shows the -t used "
                     "(default 4096)")
     ap.add_argument("--seq-max-depth", type=int, default=256,
-                    help="skip 1 MiB sequential reads above this queue depth "
-                    "(default 256)")
+                    help="skip 1 MiB sequential reads and writes above this "
+                    "queue depth (default 256)")
     ap.add_argument("--jobs", type=int, default=4,
                     help="connections (fio jobs) of the multi-connection run "
                     "(default 4)")
@@ -1279,18 +1640,32 @@ def parse_args(argv):
     return args
 
 
-def check_tools(args):
+def check_tools(args, points):
+    """The tools the planned points need (not every server named: most
+    skip most points)."""
+    servers = {p[0] for p in points}
     missing = []
-    if any(s.startswith("memdisk") for s in args.servers) and not os.access(MEMDISK, os.X_OK):
+    if (any(s.startswith("memdisk") or s in PROXY_SERVERS for s in servers)
+            and not os.access(MEMDISK, os.X_OK)):
         missing.append(f"{MEMDISK} (run `make`)")
+    if "gateway" in servers and not os.access(GATEWAY, os.X_OK):
+        missing.append(f"{GATEWAY} (run `make`)")
     need = {"fio"}
-    if any(s.startswith("nbdkit") for s in args.servers):
+    if any(s.startswith("nbdkit") for s in servers):
         need.add("nbdkit")
-    if "qemu-nbd" in args.servers and 0 in args.latencies:
+    if "qemu-nbd" in servers:
         need.add("qemu-nbd")
     for t in sorted(need):
         if shutil.which(t) is None:
             missing.append(t)
+    if "nbdkit-nbd" in servers and "nbdkit" not in missing:
+        try:
+            ok = subprocess.run(["nbdkit", "--dump-plugin", "nbd"],
+                                capture_output=True, timeout=10).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            ok = False
+        if not ok:
+            missing.append("nbdkit's nbd plugin")
     if missing:
         sys.exit(f"bench: missing {', '.join(missing)} "
                  f"(`make check-deps` installs the tools)")
@@ -1313,7 +1688,7 @@ def main(argv=None):
         print(f"{len(points)} points, about "
               f"{len(points) * (args.runtime + 2.0) * args.repeat / 60:.1f} min")
         return 0
-    check_tools(args)
+    check_tools(args, points)
     signal.signal(signal.SIGTERM, on_sigterm)
     env = environment(args)
     started = datetime.datetime.now()
@@ -1338,6 +1713,12 @@ def main(argv=None):
                 res = (f"{row['iops']:>9,.0f} IOPS {row['mib_s']:>8,.1f} MiB/s "
                        f"lat {row['lat_mean_ms']:8.3f} ms  srv "
                        f"{row['server_cpu_us_per_io']:6.1f} µs/IO "
+                       + (f"(loop {row['loop_cpu_us_per_io']:.1f}) "
+                          if row.get("loop_cpu_us_per_io") is not None
+                          else "")
+                       + (f"up {row['upstream_cpu_us_per_io']:.1f} µs/IO "
+                          if row.get("upstream_cpu_us_per_io") is not None
+                          else "") +
                        f"{row['threads_peak']:>4} thr "
                        f"{row['hwm_mib']:6.1f} MiB  fio "
                        f"{row['client_cpu_pct']:3.0f} %")
@@ -1373,6 +1754,7 @@ def write_outputs(blob, out):
     """Targets, notes, markdown, SVG and JSON of one run, into out/."""
     rows, env, stamp = blob["results"], blob["environment"], blob["stamp"]
     blob["targets"] = tgt = targets(rows)
+    blob["targets_issue17"] = tgt17 = targets_issue17(rows)
     blob["notes"] = notes = observations(rows)
     out.mkdir(parents=True, exist_ok=True)
     base = out / f"bench-{stamp}"
@@ -1380,6 +1762,12 @@ def write_outputs(blob, out):
     if blob.get("interrupted"):
         md.append("**Interrupted: partial run.**\n")
     md.append(f"![IOPS vs queue depth]({base.name}.svg)\n")
+    md.append("## Targets (issue 17)\n")
+    md.append("Server CPU per IO against nbdkit (e1–e3), the asio gateway "
+              "against nbdkit's nbd plugin as the other proxy (e4), 1 MiB "
+              "sequential throughput (e5, e6).\n")
+    md += [f"- {t}" for t in tgt17]
+    md.append("")
     md.append("## Targets (issue 5)\n")
     md += [f"- {t}" for t in tgt]
     md.append("")
@@ -1408,6 +1796,9 @@ def write_outputs(blob, out):
     (out / "latest.svg").write_text(svg)
     (out / "latest.json").write_text(js)
 
+    print("\n## Targets (issue 17)\n", file=sys.stderr)
+    for t in tgt17:
+        print(f"- {t}", file=sys.stderr)
     print("\n## Targets (issue 5)\n", file=sys.stderr)
     for t in tgt:
         print(f"- {t}", file=sys.stderr)
