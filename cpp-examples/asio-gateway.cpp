@@ -63,6 +63,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -586,6 +587,7 @@ private:
     backoff_ = initial_backoff;
     ready_ = true;
     on_status_(&info_, {});
+    rpos_ = rend_ = 0;                      /* the handshake read exactly */
     read_reply();
   }
 
@@ -680,12 +682,12 @@ private:
    */
   void read_reply()
   {
-    read(asio::buffer(in_, 16), [this] {
+    take(in_, 16, [this] {
       uint32_t magic = wire::get32(in_);
       if (magic == wire::SIMPLE_REPLY_MAGIC)
         return simple_reply();
       if (magic == wire::STRUCTURED_REPLY_MAGIC)
-        return read(asio::buffer(in_ + 16, 4), [this] { chunk(); });
+        return take(in_ + 16, 4, [this] { chunk(); });
       fail("bad reply magic from upstream");
     });
   }
@@ -698,7 +700,7 @@ private:
     r->error = wire::get32(in_ + 4);
     if (r->cmd == wire::CMD_READ && r->error == 0) {
       /* The data follows: straight into the library's buffer. */
-      return read(asio::buffer(r->read_buf, r->count), [this, r] {
+      return take(r->read_buf, r->count, [this, r] {
         r->received = r->count;
         finish(r);
         read_reply();
@@ -728,16 +730,16 @@ private:
     if (type == wire::REPLY_TYPE_NONE && length == 0)
       return next();
     if (type == wire::REPLY_TYPE_OFFSET_DATA && is_read && length > 8) {
-      return read(asio::buffer(in_, 8), [this, r, length, next] {
+      return take(in_, 8, [this, r, length, next] {
         uint64_t n = length - 8;
         char *dst = place(r, wire::get64(in_), n);
         if (dst == nullptr)
           return;
-        read(asio::buffer(dst, n), next);   /* into the library's buffer */
+        take(dst, n, next);                 /* into the library's buffer */
       });
     }
     if (type == wire::REPLY_TYPE_OFFSET_HOLE && is_read && length == 12) {
-      return read(asio::buffer(in_, 12), [this, r, next] {
+      return take(in_, 12, [this, r, next] {
         uint32_t n = wire::get32(in_ + 8);
         uint64_t offset = wire::get64(in_);
         char *dst = place(r, offset, n);
@@ -753,7 +755,7 @@ private:
         r->cmd == wire::CMD_BLOCK_STATUS && length >= 12 &&
         (length - 4) % 8 == 0 && length <= wire::MAX_BLOCK_STATUS) {
       payload_.resize(length);
-      return read(asio::buffer(payload_), [this, r, next] {
+      return take(payload_.data(), payload_.size(), [this, r, next] {
         if (wire::get32(payload_.data()) != meta_id_)
           return fail("block status for a context never agreed");
         r->extents.clear();
@@ -767,7 +769,7 @@ private:
     if ((type & wire::REPLY_TYPE_ERROR_BIT) && length >= 6 && length <= 65536) {
       /* error (32), message length (16), message, maybe an offset */
       payload_.resize(length);
-      return read(asio::buffer(payload_), [this, r, next] {
+      return take(payload_.data(), payload_.size(), [this, r, next] {
         uint32_t error = wire::get32(payload_.data());
         r->error = error ? error : wire::NBD_EIO;
         next();
@@ -869,6 +871,7 @@ private:
     state_ = state::down;
     ready_ = false;
     ++epoch_;                 /* handlers still pending are now stale */
+    rpos_ = rend_ = 0;
     error_code ignored;
     socket_.close(ignored);
     writing_ = false;
@@ -896,14 +899,17 @@ private:
   auto checked(Next next)
   {
     return [this, epoch = epoch_, next = std::move(next)](error_code ec,
-                                                         std::size_t) mutable {
+                                                         std::size_t bytes) mutable {
       if (epoch != epoch_)
         return;
       if (ec == asio::error::eof)
         return fail("the upstream closed the connection");
       if (ec)
         return fail(ec.message());
-      next();
+      if constexpr (std::is_invocable_v<Next &, std::size_t>)
+        next(bytes);
+      else
+        (void) bytes, next();
     };
   }
   /* Over TLS once it is up. A TLS handler holds the session it runs on:
@@ -917,6 +923,65 @@ private:
       h(ec, n);
     };
   }
+  /* Replies come in through a large buffer: under load one recv brings
+   * many of them, where reading each header and then its data on its own
+   * cost two recvs a reply. `take` copies n bytes to dst and then calls
+   * next; what the buffer does not hold yet is read, straight into dst
+   * when it is large (read data then lands in the library's buffer with
+   * no copy of ours, as before).
+   */
+  template <class Next>
+  void take(void *dst, std::size_t n, Next next)
+  {
+    std::size_t have = std::min(n, rend_ - rpos_);
+    std::memcpy(dst, rbuf_.data() + rpos_, have);
+    rpos_ += have;
+    std::size_t rest = n - have;
+    if (rest >= direct_read)
+      return read(asio::buffer(static_cast<char *>(dst) + have, rest),
+                  std::move(next));
+    fill(rest, [this, dst, have, rest, next = std::move(next)]() mutable {
+      std::memcpy(static_cast<char *>(dst) + have, rbuf_.data() + rpos_, rest);
+      rpos_ += rest;
+      next();
+    });
+  }
+
+  /* Calls next once the buffer holds n bytes (n < direct_read). Replies
+   * already buffered are handled in this same call, up to a depth, then
+   * on a fresh stack through the strand. */
+  template <class Next>
+  void fill(std::size_t n, Next next)
+  {
+    if (rend_ - rpos_ >= n) {
+      if (depth_ < max_depth) {
+        ++depth_;
+        next();
+        --depth_;
+        return;
+      }
+      asio::post(strand_, [this, epoch = epoch_, next = std::move(next)]() mutable {
+        if (epoch == epoch_)
+          next();
+      });
+      return;
+    }
+    std::memmove(rbuf_.data(), rbuf_.data() + rpos_, rend_ - rpos_);
+    rend_ -= rpos_;
+    rpos_ = 0;
+    auto space = asio::buffer(rbuf_.data() + rend_, rbuf_.size() - rend_);
+    auto got = [this, n, next = std::move(next)](std::size_t bytes) mutable {
+      rend_ += bytes;
+      fill(n, std::move(next));
+    };
+    if (tls_)
+      asio::async_read(*tls_, space, asio::transfer_at_least(n - (rend_ - rpos_)),
+                       keep_tls(checked(std::move(got))));
+    else
+      asio::async_read(socket_, space, asio::transfer_at_least(n - (rend_ - rpos_)),
+                       checked(std::move(got)));
+  }
+
   template <class Buffers, class Next>
   void read(const Buffers &b, Next next)
   {
@@ -966,6 +1031,11 @@ private:
   std::optional<export_info> first_info_;
 
   unsigned char in_[20];           /* headers being read */
+  static constexpr std::size_t direct_read = 64 * 1024;
+  static constexpr int max_depth = 32;
+  std::vector<unsigned char> rbuf_ = std::vector<unsigned char>(256 * 1024);
+  std::size_t rpos_ = 0, rend_ = 0; /* replies buffered: [rpos_, rend_) */
+  int depth_ = 0;                  /* replies handled within one call */
   std::vector<unsigned char> payload_;
   std::vector<unsigned char> out_; /* handshake bytes being written */
 
