@@ -1,10 +1,13 @@
-//! Reusable read buffers.
+//! Reusable request buffers.
 //!
-//! Every READ needs a buffer for the plugin to fill; allocating (and, for
-//! large ones, mapping and zeroing) one per request showed in profiles. Sent
-//! buffers come back here and are handed out again. They are always fully
-//! initialised (zeroed once when first made), so no unsafe code is needed;
-//! a plugin sees leftover bytes, which is why `pread` must fill every byte.
+//! Every READ needs a buffer for the plugin to fill and every WRITE one for
+//! its payload; allocating (and zeroing, or mapping and faulting in) one per
+//! request showed in profiles. Buffers come back here once their reply is
+//! sent and are handed out again. They are always fully initialised
+//! (zeroed once when first made), so no unsafe code is needed; a plugin
+//! sees leftover bytes, which is why `pread` must fill every byte.
+
+use crate::protocol::transmission::PayloadBuffers;
 
 /// Smallest class: 4 KiB; classes double up to the largest payload.
 const MIN_SHIFT: u32 = 12;
@@ -40,13 +43,22 @@ impl BufferPool {
         }
     }
 
-    /// Gives back a buffer from `take`; others are simply dropped.
-    pub fn give(&mut self, buf: Vec<u8>) {
-        let Some(c) = class_of(buf.len()) else { return };
-        if buf.len() == class_size(c) && self.pooled + buf.len() <= MAX_POOLED {
-            self.pooled += buf.len();
+    /// Gives back a buffer from `take`, possibly truncated since; others
+    /// are simply dropped.
+    pub fn give(&mut self, mut buf: Vec<u8>) {
+        let size = buf.capacity();
+        let Some(c) = class_of(size) else { return };
+        if size == class_size(c) && self.pooled + size <= MAX_POOLED {
+            buf.resize(size, 0);
+            self.pooled += size;
             self.free[c].push(buf);
         }
+    }
+}
+
+impl PayloadBuffers for BufferPool {
+    fn take(&mut self, len: usize) -> Vec<u8> {
+        BufferPool::take(self, len)
     }
 }
 
@@ -65,6 +77,11 @@ mod tests {
         assert_eq!(b.as_ptr(), ptr, "same buffer back");
         assert_eq!(p.take(4097).len(), 8192);
         p.give(vec![0; 5000]); // not a class size: dropped
+        assert_eq!(p.pooled, 0);
+        let mut payload = p.take(5000);
+        payload.truncate(5000); // as a WRITE payload is
+        p.give(payload);
+        assert_eq!(p.take(8192).len(), 8192, "back at its full size");
         assert_eq!(p.pooled, 0);
         for _ in 0..3 {
             p.give(vec![0; 32 << 20]);

@@ -493,7 +493,7 @@ impl Connection {
                 }
             }
             Phase::Transmission(reader) => {
-                let (used, event) = reader.feed(input);
+                let (used, event) = reader.feed(input, ctx.buffers);
                 self.in_start += used;
                 if let Some(event) = event {
                     self.on_event(event, ctx);

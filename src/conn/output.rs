@@ -92,7 +92,7 @@ impl Output {
 
     /// A buffer no longer needed, to be reused.
     pub fn recycle(&mut self, buf: Vec<u8>) {
-        if buf.len() >= 4096 {
+        if buf.capacity() >= 4096 {
             self.spent.push(buf);
         }
     }

@@ -97,7 +97,7 @@ pub(crate) fn encode(
         },
         (CMD_READ | CMD_BLOCK_STATUS, _) => misuse("a reply without data"),
         (_, Outcome::Done) => {
-            drop(buf); // a write payload, done with
+            out.recycle(buf); // a write payload, done with
             let h = match style.to(req) {
                 Some(to) if to.extended => codec::done_chunk(&to),
                 _ => codec::simple_reply(req.cookie, 0),

@@ -9,7 +9,7 @@
 use super::codec::{RequestHeader, encode_request};
 use super::consts::*;
 use super::handshake::{ExportInfo, ExportResolver, Handshake, MAX_OPTION_LEN, Outcome, Purpose, Refusal, TlsMode};
-use super::transmission::{Event, ExportCaps, FuaMode, RequestReader};
+use super::transmission::{Event, ExportCaps, Fresh, FuaMode, RequestReader};
 
 /// xorshift64*: tiny, deterministic, good enough to shake a parser.
 struct Rng(u64);
@@ -191,7 +191,7 @@ fn request_reader_survives_mutated_input() {
         let mut pos = 0;
         while pos < stream.len() {
             let end = (pos + 1 + rng.below(100)).min(stream.len());
-            let (used, event) = reader.feed(&stream[pos..end]);
+            let (used, event) = reader.feed(&stream[pos..end], &mut Fresh);
             pos += used;
             match event {
                 None => assert_eq!(pos, end, "no event means everything was consumed"),

@@ -97,9 +97,10 @@ enum State {
         buf: [u8; EXTENDED_REQUEST_HEADER_LEN],
         have: usize,
     },
-    /// `buf` is zeroed memory from calloc, so only the pages the client's
-    /// bytes land on become resident: a client that stalls mid-payload
-    /// holds what it sent, not what it claimed.
+    /// `buf` is a reused buffer, or else zeroed memory from calloc, so
+    /// only the pages the client's bytes land on become resident: a client
+    /// that stalls mid-payload holds what it sent (or memory that was
+    /// resident already), not what it claimed.
     Payload {
         header: RequestHeader,
         buf: Vec<u8>,
@@ -110,6 +111,23 @@ enum State {
         error: u32,
         remaining: u64,
     },
+}
+
+/// Where WRITE payload buffers come from.
+pub trait PayloadBuffers {
+    /// A zero-filled or reused buffer of at least `len` bytes.
+    fn take(&mut self, len: usize) -> Vec<u8>;
+}
+
+/// Fresh zeroed buffers, allocated for each payload.
+#[cfg(test)]
+pub struct Fresh;
+
+#[cfg(test)]
+impl PayloadBuffers for Fresh {
+    fn take(&mut self, len: usize) -> Vec<u8> {
+        vec![0; len]
+    }
 }
 
 /// Splits the client's byte stream into requests and checks each one.
@@ -124,7 +142,8 @@ impl RequestReader {
     }
 
     /// Consumes bytes until one event is complete (or input runs out).
-    pub fn feed(&mut self, input: &[u8]) -> (usize, Option<Event>) {
+    /// A WRITE payload is received into a buffer from `buffers`.
+    pub fn feed(&mut self, input: &[u8], buffers: &mut impl PayloadBuffers) -> (usize, Option<Event>) {
         let mut used = 0;
         loop {
             match &mut self.state {
@@ -142,13 +161,13 @@ impl RequestReader {
                     let event = if self.caps.extended_headers {
                         let b: &[u8; EXTENDED_REQUEST_HEADER_LEN] = buf;
                         match decode_extended_request(b) {
-                            Ok((h, length)) => self.on_extended_header(h, length),
+                            Ok((h, length)) => self.on_extended_header(h, length, buffers),
                             Err(_) => return (used, Some(Event::Fatal("bad request magic"))),
                         }
                     } else {
                         let b: &[u8; REQUEST_HEADER_LEN] = (&buf[..REQUEST_HEADER_LEN]).try_into().expect("prefix");
                         match decode_request(b) {
-                            Ok(h) => self.on_header(h),
+                            Ok(h) => self.on_header(h, buffers),
                             Err(_) => return (used, Some(Event::Fatal("bad request magic"))),
                         }
                     };
@@ -221,7 +240,12 @@ impl RequestReader {
     /// An extended header: lengths are 64-bit, and PAYLOAD_LEN says a
     /// payload follows. Our plugin API counts in 32 bits; a block-status
     /// length is a hint and is capped, anything else longer is refused.
-    fn on_extended_header(&mut self, mut h: RequestHeader, length: u64) -> Option<Event> {
+    fn on_extended_header(
+        &mut self,
+        mut h: RequestHeader,
+        length: u64,
+        buffers: &mut impl PayloadBuffers,
+    ) -> Option<Event> {
         let payload = h.cmd == CMD_WRITE || h.flags & CMD_FLAG_PAYLOAD_LEN != 0;
         if h.cmd == CMD_WRITE {
             h.flags &= !CMD_FLAG_PAYLOAD_LEN; // it only restates the length
@@ -247,10 +271,10 @@ impl RequestReader {
             Err(_) if h.cmd == CMD_BLOCK_STATUS => u32::MAX,
             Err(_) => return refuse(&mut self.state, h),
         };
-        self.on_header(h)
+        self.on_header(h, buffers)
     }
 
-    fn on_header(&mut self, header: RequestHeader) -> Option<Event> {
+    fn on_header(&mut self, header: RequestHeader, buffers: &mut impl PayloadBuffers) -> Option<Event> {
         log::debug!(
             "request {} cookie={:#x} offset={} length={} flags={:#x}",
             cmd_name(header.cmd),
@@ -266,7 +290,11 @@ impl RequestReader {
         match validate(&header, &self.caps) {
             Ok(()) if payload_len == 0 => Some(Event::Request(Request { header, payload: Vec::new() })),
             Ok(()) => {
-                self.state = State::Payload { header, buf: vec![0u8; payload_len as usize], have: 0 };
+                // A reused buffer is larger; it gets its size back when it
+                // returns to the pool.
+                let mut buf = buffers.take(payload_len as usize);
+                buf.truncate(payload_len as usize);
+                self.state = State::Payload { header, buf, have: 0 };
                 None
             }
             Err(error) if payload_len == 0 => Some(Event::Reject { header, error }),
@@ -421,16 +449,16 @@ mod tests {
         let mut input = encode_request(&hdr(CMD_WRITE, 0, 0, 5)).to_vec();
         input.extend_from_slice(b"hello");
         input.extend_from_slice(&encode_request(&hdr(CMD_FLUSH, 0, 0, 0)));
-        let (used, ev) = r.feed(&input[..30]);
+        let (used, ev) = r.feed(&input[..30], &mut Fresh);
         assert_eq!((used, ev), (30, None));
         assert_eq!(r.payload_space().unwrap().len(), 3);
-        let (used, ev) = r.feed(&input[30..]);
+        let (used, ev) = r.feed(&input[30..], &mut Fresh);
         assert_eq!(used, 3);
         match ev {
             Some(Event::Request(req)) => assert_eq!(req.payload, b"hello"),
             other => panic!("{other:?}"),
         }
-        let (used, ev) = r.feed(&input[33..]);
+        let (used, ev) = r.feed(&input[33..], &mut Fresh);
         assert_eq!(used, 28);
         assert!(matches!(ev, Some(Event::Request(Request { header: RequestHeader { cmd: CMD_FLUSH, .. }, .. }))));
     }
@@ -438,7 +466,7 @@ mod tests {
     #[test]
     fn direct_payload_fill() {
         let mut r = RequestReader::new(caps());
-        let (_, ev) = r.feed(&encode_request(&hdr(CMD_WRITE, 0, 0, 4)));
+        let (_, ev) = r.feed(&encode_request(&hdr(CMD_WRITE, 0, 0, 4)), &mut Fresh);
         assert_eq!(ev, None);
         r.payload_space().unwrap()[..4].copy_from_slice(b"abcd");
         match r.payload_filled(4) {
@@ -453,11 +481,11 @@ mod tests {
         let mut r = RequestReader::new(ExportCaps { writable: false, ..caps() });
         let mut input = encode_request(&hdr(CMD_WRITE, 0, 0, 1 << 30)).to_vec();
         input.extend(vec![0u8; 4096]);
-        let (used, ev) = r.feed(&input);
+        let (used, ev) = r.feed(&input, &mut Fresh);
         assert_eq!((used, ev), (input.len(), None));
         assert!(r.payload_space().is_none());
         let rest = vec![0u8; (1 << 30) - 4096];
-        let (used, ev) = r.feed(&rest);
+        let (used, ev) = r.feed(&rest, &mut Fresh);
         assert_eq!(used, rest.len());
         assert!(matches!(ev, Some(Event::Reject { error: NBD_EPERM, .. })));
     }
@@ -465,11 +493,11 @@ mod tests {
     #[test]
     fn bad_magic_and_disc() {
         let mut r = RequestReader::new(caps());
-        let (_, ev) = r.feed(&encode_request(&hdr(CMD_DISC, 0, 0, 0)));
+        let (_, ev) = r.feed(&encode_request(&hdr(CMD_DISC, 0, 0, 0)), &mut Fresh);
         assert_eq!(ev, Some(Event::Disconnect));
         let mut b = encode_request(&hdr(CMD_READ, 0, 0, 1));
         b[3] = 0;
-        let (_, ev) = r.feed(&b);
+        let (_, ev) = r.feed(&b, &mut Fresh);
         assert_eq!(ev, Some(Event::Fatal("bad request magic")));
     }
 
