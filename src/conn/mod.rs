@@ -261,8 +261,7 @@ impl Connection {
     pub fn interest_change(&mut self) -> Option<mio::Interest> {
         use mio::Interest;
         self.stream.as_ref()?;
-        let reads_wait = self.write_blocked && matches!(&self.phase, Phase::Transmission(r) if !r.receiving_payload());
-        let wanted = match (reads_wait, self.write_blocked) {
+        let wanted = match (self.reads_wait_for_writes(), self.write_blocked) {
             (true, _) => Interest::WRITABLE,
             (false, true) => Interest::READABLE | Interest::WRITABLE,
             (false, false) => Interest::READABLE,
@@ -271,6 +270,20 @@ impl Connection {
             self.interest = wanted;
             wanted
         })
+    }
+
+    /// The client takes its replies slower than it sends requests, and
+    /// none of its requests is with the plugin: take no more until it
+    /// catches up, as a threaded server blocked in send would. Requests it
+    /// holds meanwhile cost nothing, and clients that walk a list of their
+    /// commands in flight for every reply (libnbd) walk shorter lists.
+    /// While the plugin holds some, reading goes on (within `MAX_UNSENT`
+    /// and the memory caps): a pause would only delay when a slow backend
+    /// starts the next ones, and add to the latency their clients see.
+    fn reads_wait_for_writes(&self) -> bool {
+        self.write_blocked
+            && self.unanswered() == 0
+            && matches!(&self.phase, Phase::Transmission(r) if !r.receiving_payload())
     }
 
     pub fn writable(&mut self) {
@@ -336,12 +349,7 @@ impl Connection {
         if self.turn_read_bytes >= TURN_READ_BYTES {
             return Some(Next::Again);
         }
-        if self.write_blocked {
-            // The client reads its replies slower than it sends requests:
-            // take no more until it catches up, as a threaded server
-            // blocked in send would. Requests it holds meanwhile cost us
-            // nothing, and clients that walk a list of their commands in
-            // flight for every reply (libnbd) walk shorter lists.
+        if self.reads_wait_for_writes() {
             return Some(Next::Wait); // the writable event will wake us
         }
         if ctx.ops.is_full() {
