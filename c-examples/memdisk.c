@@ -277,14 +277,23 @@ worker (void *arg)
     else if (!is_due (&j->due))
       pthread_cond_timedwait (&queue.cond, &queue.lock, &j->due);
     else {
-      queue.head = j->next;
+      /* Take every job that is due: one wake-up serves them all, where
+       * handing them out one by one woke a peer for each.
+       */
+      struct job *last = j;
+      while (last->next && is_due (&last->next->due))
+        last = last->next;
+      queue.head = last->next;
       if (queue.head == NULL)
         queue.tail = NULL;
-      else if (is_due (&queue.head->due))
-        pthread_cond_signal (&queue.cond);   /* more work now: wake a peer */
+      last->next = NULL;
       pthread_mutex_unlock (&queue.lock);
-      run_job (j);
-      free (j);
+      while (j) {
+        struct job *next = j->next;
+        run_job (j);
+        free (j);
+        j = next;
+      }
       pthread_mutex_lock (&queue.lock);
     }
   }
